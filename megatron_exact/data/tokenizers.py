@@ -1,0 +1,215 @@
+"""Tokenizers for preprocessing, training and evaluation, all from Megatron-Core.
+
+``build_tokenizer(tokenizer_type, tokenizer_model)`` returns a
+``megatron.core.tokenizers`` object (``.vocab_size``, ``.eod``, ``.tokenize``,
+``.detokenize``) built with the same arguments Megatron-LM 0.16.1's
+``tools/preprocess_data.py`` passes by default, so ids agree with Megatron-LM.
+
+Types (Megatron-LM's ``--tokenizer-type`` names):
+- ``HuggingFaceTokenizer``: a local directory readable by ``AutoTokenizer``.
+- ``SentencePieceTokenizer``: a ``.model`` file.
+- ``TikTokenizer``: a tiktoken vocabulary JSON (Megatron-Core's format).
+- ``ByteTokenizer``: UTF-8 bytes, ids 0..255 are the bytes, 256 is the EOD
+  token, 257 padding; needs no files. It is Megatron-Core's ``byte-level``
+  library with the special ids moved past the bytes (its default EOS id 0
+  would collide with the NUL byte).
+
+The sidecar: ``write_tokenizer_sidecar`` / ``read_tokenizer_sidecar(prefix)``
+store the tokenizer that made ``{prefix}.bin/.idx`` in
+``{prefix}.tokenizer_info.json`` so that training can check its vocabulary,
+HF export can write matching tokenizer files (``save_hf_tokenizer``) and
+evaluation tokenizes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Sequence
+
+import numpy as np
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "TikTokenizer", "ByteTokenizer")
+
+BYTE_VOCAB = 256
+BYTE_EOD_ID = 256
+BYTE_PAD_ID = 257
+_BYTE_EOD_TOKEN = "<eod>"
+_BYTE_PAD_TOKEN = "<pad>"
+
+SIDECAR_SUFFIX = ".tokenizer_info.json"
+SIDECAR_FORMAT_VERSION = 1
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None):
+    """A Megatron-Core tokenizer for ``--tokenizer-type`` / ``--tokenizer-model``."""
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    if tokenizer_type == "ByteTokenizer":
+        # ByteLevelTokenizer numbers its special tokens downwards from the end of the
+        # vocabulary, so listing pad before eod puts eod at 256 and pad at 257.
+        return MegatronTokenizer.from_pretrained(
+            metadata_path={"library": "byte-level"},
+            special_tokens=[_BYTE_PAD_TOKEN, _BYTE_EOD_TOKEN],
+            vocab_size=BYTE_VOCAB,
+            _eos_id=BYTE_EOD_ID,
+            _pad_id=BYTE_PAD_ID,
+        )
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not supported; choose one of {', '.join(TOKENIZER_TYPES)}")
+    if not tokenizer_model:
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model (a local path)")
+    if not os.path.exists(tokenizer_model):
+        raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: no such file or directory")
+    if tokenizer_type == "HuggingFaceTokenizer":
+        # Megatron-LM's defaults: use_fast False, include_special_tokens False.
+        kwargs = dict(
+            vocab_file=None,
+            merges_file=None,
+            additional_special_tokens=[],
+            use_fast=False,
+            trust_remote_code=False,
+            include_special_tokens=False,
+        )
+        library = "huggingface"
+    elif tokenizer_type == "SentencePieceTokenizer":
+        kwargs = dict(legacy=False, special_tokens=None)
+        library = "sentencepiece"
+    else:  # TikTokenizer
+        kwargs = dict(num_special_tokens=1000, special_tokens=None)
+        library = "tiktoken"
+    return MegatronTokenizer.from_pretrained(
+        tokenizer_path=tokenizer_model, metadata_path={"library": library}, **kwargs
+    )
+
+
+class BatchEncoder:
+    """Tokenizes many texts at once, giving exactly ``tokenizer.tokenize`` ids.
+
+    Megatron-Core's HF path is ``convert_tokens_to_ids(hf.tokenize(text))``, i.e. the
+    fast backend's encoding without special tokens; calling the Rust backend on a
+    whole batch gives the same ids without the per-call Python overhead. Byte ids
+    are the UTF-8 bytes. Any other tokenizer is called once per text.
+    """
+
+    def __init__(self, tokenizer, tokenizer_type: str):
+        self.tokenizer = tokenizer
+        self._backend = None
+        self._is_bytes = tokenizer_type == "ByteTokenizer"
+        if tokenizer_type == "HuggingFaceTokenizer":
+            library = tokenizer._tokenizer
+            if not library.include_special_tokens:
+                # Only a fast (Rust-backed) HF tokenizer has the batch entry point.
+                self._backend = getattr(library.tokenizer, "_tokenizer", None)
+
+    def encode(self, texts: Sequence[str]) -> List[np.ndarray]:
+        if self._is_bytes:
+            return [np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts]
+        if self._backend is not None:
+            encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+            return [np.asarray(enc.ids, dtype=np.int64) for enc in encodings]
+        return [np.asarray(self.tokenizer.tokenize(text), dtype=np.int64) for text in texts]
+
+
+def sidecar_path(prefix: str) -> str:
+    return prefix + SIDECAR_SUFFIX
+
+
+def tokenizer_description(tokenizer_type: str, tokenizer_model: str | None, tokenizer) -> dict:
+    return {
+        "tokenizer_type": tokenizer_type,
+        "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+        "vocab_size": int(tokenizer.vocab_size),
+        "eod": int(tokenizer.eod),
+    }
+
+
+def write_tokenizer_sidecar(prefix: str, description: dict) -> None:
+    """Write ``{prefix}.tokenizer_info.json`` atomically (temp name, then rename)."""
+    record = {"format_version": SIDECAR_FORMAT_VERSION, **description}
+    path = sidecar_path(prefix)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_tokenizer_sidecar(prefix: str) -> dict:
+    """The tokenizer record of dataset ``prefix``: ``tokenizer_type``, ``tokenizer_model``,
+    ``vocab_size``, ``eod`` (plus ``level``, ``append_eod``, ``json_key`` from preprocessing)."""
+    path = sidecar_path(prefix)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer sidecar next to {prefix}.bin/.idx (written by tools/preprocess_data.py); "
+            "datasets made by Megatron-LM have none: pass the tokenizer explicitly"
+        )
+    with open(path) as f:
+        try:
+            record = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+    missing = {"tokenizer_type", "vocab_size", "eod"} - set(record)
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {sorted(missing)}")
+    return record
+
+
+def check_tokenizer_matches(prefix: str, tokenizer) -> None:
+    """Raise if ``tokenizer`` differs (vocabulary size or EOD id) from the one that made ``prefix``."""
+    record = read_tokenizer_sidecar(prefix)
+    ours = (int(tokenizer.vocab_size), int(tokenizer.eod))
+    theirs = (int(record["vocab_size"]), int(record["eod"]))
+    if ours != theirs:
+        raise ValueError(
+            f"{sidecar_path(prefix)}: data was tokenized with vocab_size={theirs[0]}, eod={theirs[1]} "
+            f"({record['tokenizer_type']} {record.get('tokenizer_model')}) but the tokenizer given has "
+            f"vocab_size={ours[0]}, eod={ours[1]}"
+        )
+
+
+def byte_tokenizer_hf_json() -> dict:
+    """A HF ``tokenizer.json`` giving ``ByteTokenizer`` ids: byte b -> id b, <eod> 256, <pad> 257."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # ByteLevel maps every byte to one printable character; invert that mapping so
+    # each character's id is its byte value.
+    char_of_byte = _byte_level_char_of_byte()
+    assert set(char_of_byte.values()) == set(byte_chars)
+    vocab = {char_of_byte[b]: b for b in range(BYTE_VOCAB)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([_BYTE_EOD_TOKEN, _BYTE_PAD_TOKEN])
+    assert tok.token_to_id(_BYTE_EOD_TOKEN) == BYTE_EOD_ID and tok.token_to_id(_BYTE_PAD_TOKEN) == BYTE_PAD_ID
+    return json.loads(tok.to_str())
+
+
+def _byte_level_char_of_byte() -> dict:
+    """GPT-2's reversible byte -> printable character table (what ByteLevel uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def save_hf_tokenizer(record: dict, out_dir: str) -> None:
+    """Write HF tokenizer files giving the ids of the sidecar ``record``'s tokenizer into ``out_dir``."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    kind = record["tokenizer_type"]
+    if kind == "ByteTokenizer":
+        path = os.path.join(out_dir, "tokenizer.json")
+        with open(path, "w") as f:
+            json.dump(byte_tokenizer_hf_json(), f)
+        PreTrainedTokenizerFast(tokenizer_file=path, eos_token=_BYTE_EOD_TOKEN, pad_token=_BYTE_PAD_TOKEN).save_pretrained(out_dir)
+    elif kind == "HuggingFaceTokenizer":
+        AutoTokenizer.from_pretrained(record["tokenizer_model"]).save_pretrained(out_dir)
+    else:
+        raise NotImplementedError(f"HF tokenizer files for {kind} are not generated; copy {record.get('tokenizer_model')} by hand")
