@@ -1,0 +1,163 @@
+"""Turn a :class:`ModelArch` into Megatron-Core's ``TransformerConfig`` and ``GPTModel``.
+
+Layer spec: Transformer Engine's GPT spec when TE is importable on a GPU (it
+handles THD/packed attention itself); otherwise Megatron-Core's local spec
+with :class:`PackedDocumentAttention` as core attention. The local spec maps
+its norm names onto TE's in distributed checkpoints, so checkpoints move
+between the two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_exact.model.attention import PackedDocumentAttention
+from megatron_exact.model.config import ModelArch, RopeScaling
+from megatron_exact.platform import has_transformer_engine
+
+
+def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+    """Megatron-LM's vocabulary padding: a multiple of ``divisible_by * TP``."""
+    multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+    """The transformer-layer spec for our dense models (RMSNorm, SwiGLU, GQA, RoPE)."""
+    if use_transformer_engine is None:
+        use_transformer_engine = has_transformer_engine()
+    if use_transformer_engine:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = PackedDocumentAttention
+    return spec
+
+
+def transformer_config(
+    arch: ModelArch,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    sequence_parallel: bool = False,
+    bf16: bool = False,
+    **overrides,
+) -> TransformerConfig:
+    """A ``TransformerConfig`` for ``arch`` at the given parallel layout.
+
+    Dropout is off (what these models use in CPT); the loss is per token
+    (``calculate_per_token_loss``) so that EXACT's normalisation by supervised
+    tokens is exact under gradient accumulation, DP and CP. Fusions that need
+    CUDA kernels are off unless a GPU with TE is present.
+    """
+    on_gpu_with_te = has_transformer_engine()
+    fields = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.add_qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        apply_rope_fusion=False,
+        bias_activation_fusion=on_gpu_with_te,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def _apply_llama3_rope_scaling(model: GPTModel, arch: ModelArch, rotary_base: float) -> None:
+    """Megatron-Core hard-codes LLaMA-3.1's low/high-frequency factors and 8192 original length:
+    recompute the inverse frequencies when a config uses other values."""
+    scaling = arch.rope_scaling
+    if scaling is None or scaling == RopeScaling(factor=scaling.factor):
+        return
+    rope = model.rotary_pos_emb
+    dim = arch.kv_channels
+    inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    rope.inv_freq = rope._apply_scaling(
+        inv_freq,
+        factor=scaling.factor,
+        low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+    )
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    config: TransformerConfig,
+    *,
+    seq_length: int,
+    make_vocab_size_divisible_by: int = 128,
+    rotary_base: Optional[float] = None,
+    rotary_seq_len_interpolation_factor: Optional[float] = None,
+    rope_scaling_factor: Optional[float] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    use_transformer_engine: Optional[bool] = None,
+) -> GPTModel:
+    """One pipeline stage of the GPT model for ``arch`` (stage taken from ``parallel_state``).
+
+    ``rotary_base``, ``rope_scaling_factor`` and ``rotary_seq_len_interpolation_factor``
+    override the architecture's RoPE for context extension (Megatron-LM's
+    ``--rotary-base``, ``--rope-scaling-factor``, ``--rotary-seq-len-interpolation-factor``).
+    """
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    if rope_scaling_factor is not None:
+        base_scaling = arch.rope_scaling or RopeScaling(factor=rope_scaling_factor)
+        arch = arch.replace(rope_scaling=dataclasses.replace(base_scaling, factor=rope_scaling_factor))
+    base = arch.rotary_base if rotary_base is None else rotary_base
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_transformer_engine),
+        vocab_size=padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),
+        max_sequence_length=seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=base,
+        rope_scaling=arch.rope_scaling is not None,
+        rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
+        seq_len_interpolation_factor=rotary_seq_len_interpolation_factor,
+    )
+    _apply_llama3_rope_scaling(model, arch, base)
+    return model

@@ -1,0 +1,182 @@
+"""Model architectures: named presets and a builder from a local HF ``config.json``.
+
+Only the two dense families the project trains are supported: Qwen2/Qwen2.5
+(QKV bias, RMSNorm, SwiGLU, GQA, RoPE) and LLaMA-3.x (the same without QKV
+bias, with "llama3" RoPE scaling). Everything here is plain data: turning an
+architecture into a Megatron-Core ``TransformerConfig``/``GPTModel`` lives in
+:mod:`megatron_exact.model.builder`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """LLaMA-3.x ("llama3") RoPE frequency scaling."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArch:
+    """Architecture of a dense decoder-only model, in HF terms."""
+
+    family: str  # "qwen2" or "llama"
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int
+    rotary_base: float
+    norm_epsilon: float
+    tie_word_embeddings: bool
+    add_qkv_bias: bool
+    head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    rope_scaling: Optional[RopeScaling] = None
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def replace(self, **changes) -> "ModelArch":
+        return dataclasses.replace(self, **changes)
+
+
+def _qwen25(layers, hidden, ffn, heads, groups, max_pos, tie, vocab=151936) -> ModelArch:
+    return ModelArch(
+        family="qwen2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab,
+        max_position_embeddings=max_pos, rotary_base=1000000.0, norm_epsilon=1e-6,
+        tie_word_embeddings=tie, add_qkv_bias=True,
+    )
+
+
+def _llama3(layers, hidden, ffn, heads, groups, tie, rope_factor) -> ModelArch:
+    return ModelArch(
+        family="llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=heads, num_query_groups=groups, vocab_size=128256,
+        max_position_embeddings=131072, rotary_base=500000.0, norm_epsilon=1e-5,
+        tie_word_embeddings=tie, add_qkv_bias=False, rope_scaling=RopeScaling(factor=rope_factor),
+    )
+
+
+PRESETS: dict[str, ModelArch] = {
+    "qwen2.5-0.5b": _qwen25(24, 896, 4864, 14, 2, 32768, tie=True),
+    "qwen2.5-1.5b": _qwen25(28, 1536, 8960, 12, 2, 131072, tie=True),
+    "qwen2.5-3b": _qwen25(36, 2048, 11008, 16, 2, 32768, tie=True),
+    "qwen2.5-7b": _qwen25(28, 3584, 18944, 28, 4, 131072, tie=False, vocab=152064),
+    "llama3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True, rope_factor=32.0),
+    "llama3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True, rope_factor=32.0),
+    "llama3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, rope_factor=8.0),
+    # Tiny models for tests and the CPU quickstart: same families, toy sizes.
+    "tiny-qwen2": ModelArch(
+        family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=10000.0,
+        norm_epsilon=1e-6, tie_word_embeddings=True, add_qkv_bias=True,
+    ),
+    "tiny-llama3": ModelArch(
+        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=500000.0,
+        norm_epsilon=1e-5, tie_word_embeddings=False, add_qkv_bias=False,
+        rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=1024),
+    ),
+}
+
+_SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
+
+
+class UnsupportedModelError(ValueError):
+    """The HF config describes something this project does not implement."""
+
+
+def get_preset(name: str) -> ModelArch:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"--model {name!r} is not a known preset; choose one of: {', '.join(PRESETS)}") from None
+
+
+def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
+    """Architecture from a HF ``config.json`` (a dict, the file, or its directory).
+
+    Refuses, with a message naming the field, anything the Megatron model would
+    silently compute differently: other architectures, MoE, sliding-window
+    attention, RoPE scaling types other than "llama3", MLP biases.
+    """
+    source = "config"
+    if not isinstance(config, dict):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no HF config.json at {path}")
+        source = str(path)
+        config = json.loads(path.read_text())
+
+    def fail(msg):
+        raise UnsupportedModelError(f"{source}: {msg}")
+
+    model_type = config.get("model_type")
+    if model_type not in _SUPPORTED_MODEL_TYPES:
+        fail(f"model_type {model_type!r} is not supported (supported: qwen2, llama)")
+    family = _SUPPORTED_MODEL_TYPES[model_type]
+    if config.get("num_experts") or config.get("num_local_experts"):
+        fail("mixture-of-experts models are not supported")
+    if config.get("use_sliding_window"):
+        fail("sliding-window attention (use_sliding_window=true) is not supported")
+    if config.get("mlp_bias"):
+        fail("mlp_bias=true is not supported")
+    if config.get("hidden_act", "silu") != "silu":
+        fail(f"hidden_act {config['hidden_act']!r} is not supported (only silu/SwiGLU)")
+    if family == "llama" and config.get("attention_bias"):
+        fail("attention_bias=true is not supported for llama")
+
+    rope_theta = config.get("rope_theta")
+    rope_scaling = None
+    scaling = config.get("rope_scaling") or None
+    # transformers 5 folds rope_theta into rope_parameters; accept both spellings.
+    params = config.get("rope_parameters") or None
+    if params:
+        rope_theta = params.get("rope_theta", rope_theta)
+        if params.get("rope_type", "default") != "default":
+            scaling = params
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type != "llama3":
+            fail(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    if head_dim == config["hidden_size"] // heads:
+        head_dim = None
+    return ModelArch(
+        family=family,
+        num_layers=config["num_hidden_layers"],
+        hidden_size=config["hidden_size"],
+        ffn_hidden_size=config["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=config.get("num_key_value_heads") or heads,
+        vocab_size=config["vocab_size"],
+        max_position_embeddings=config["max_position_embeddings"],
+        rotary_base=float(rope_theta if rope_theta is not None else 10000.0),
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        add_qkv_bias=family == "qwen2",
+        head_dim=head_dim,
+        rope_scaling=rope_scaling,
+    )
