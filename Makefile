@@ -1,0 +1,33 @@
+# Two set-up commands (see README): `make quickstart` and `make test`.
+# Both create .venv, install the project into it, then run.
+# CPU installs pin torch (an open requirement pulls a multi-GB CUDA build);
+# GPU users override it, e.g. `make test TORCH="torch==2.13.0"` from their index.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test quickstart bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest tests -q --durations=15
+
+quickstart: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/tiny_cpu/run.sh
+
+bench: install
+	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs
