@@ -1,0 +1,237 @@
+"""Packed GPT samples with exact document boundaries, on Megatron-Core's GPTDataset.
+
+Megatron-Core builds the document/sample/shuffle indices, caches them, blends and
+splits; ``ExactGPTDataset`` only adds, per sample, where its documents begin. They
+come from those indices and the sequence lengths (never from scanning for EOD), so
+they are exact even for data without EOD tokens. Each sample is a dict (the batch
+contract of shared/DESIGN.md), ``S = seq_length``:
+
+- ``tokens [S] int64``, ``labels [S] int64`` (Megatron-Core's own);
+- ``position_ids [S] int64``: restart at 0 at every document start in the sample (a
+  document continued from the previous sample restarts too: under document masking
+  its earlier part is invisible);
+- ``loss_mask [S] float32``: 0 where the label is in another document than the input
+  token, and for padding;
+- ``cu_seqlens [S+1] int32``: document starts, then ``S``, padded with ``S``.
+
+With ``document_masking=False`` it is what Megatron-LM does without
+``--reset-position-ids/--reset-attention-mask/--eod-mask-loss``: positions
+``0..S-1``, ``cu_seqlens = [0, S, S, ...]``, loss 1 on every real token. No
+``S x S`` mask is built in either mode.
+
+Public API::
+
+    build_train_valid_test_datasets(
+        data_path: list[str],         # Megatron blend: ["w1", "p1", "w2", "p2"] or ["p1", "p2"]
+        split: str,                   # "969,30,1"
+        seq_length: int,
+        seed: int,
+        num_samples: tuple[int | None, int | None, int | None],  # None: one epoch
+        document_masking: bool = True,
+        cache_path: str | None = None,
+        tokenizer=None,               # None: built from the first prefix's sidecar
+    ) -> (train, valid, test)         # each a Dataset of the dicts above, or None
+    read_tokenizer_sidecar(prefix) -> dict          # megatron_exact.data.tokenizers
+    build_tokenizer(tokenizer_type, tokenizer_model) # megatron_exact.data.tokenizers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import get_blend_from_list
+
+from megatron_exact.data.tokenizers import build_tokenizer, check_tokenizer_matches, read_tokenizer_sidecar, sidecar_path
+
+
+@dataclass
+class ExactGPTDatasetConfig(GPTDatasetConfig):
+    document_masking: bool = True
+    """Positions restart and cross-document targets are masked at document starts."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss or self.create_attention_mask:
+            raise ValueError(
+                "ExactGPTDatasetConfig derives boundaries itself: set reset_position_ids, reset_attention_mask, "
+                "eod_mask_loss and create_attention_mask to False (use document_masking)"
+            )
+        if not self.add_extra_token_to_sequence:
+            raise ValueError("ExactGPTDatasetConfig needs add_extra_token_to_sequence=True (labels are the next tokens)")
+
+
+def check_document_level(dataset: IndexedDataset, path_prefix: str) -> None:
+    """Refuse an index whose documents hold several sequences (sentence-level output):
+    GPTDataset treats every sequence as a document and would shuffle sentences apart."""
+    per_document = np.diff(dataset.document_indices)
+    if per_document.size and int(per_document.max()) > 1:
+        doc = int(np.argmax(per_document > 1))
+        raise ValueError(
+            f"{path_prefix}.idx is sentence-level (document {doc} holds {int(per_document[doc])} sequences); "
+            "packed training needs document-level data: rerun tools/preprocess_data.py without --split-sentences"
+        )
+
+
+class ExactGPTDataset(GPTDataset):
+    """GPTDataset whose samples also carry exact document boundaries (see module doc)."""
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig) -> IndexedDataset:
+        dataset = GPTDataset.build_low_level_dataset(dataset_path, config)
+        check_document_level(dataset, dataset_path)
+        return dataset
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._sequence_lengths = self.dataset.sequence_lengths
+        S = self.config.sequence_length
+        self._arange = torch.arange(S, dtype=torch.long)
+        self._plain_cu_seqlens = torch.full((S + 1,), S, dtype=torch.int32)
+        self._plain_cu_seqlens[0] = 0
+
+    def segment_lengths(self, idx: int) -> np.ndarray:
+        """Lengths of the document pieces making up sample ``idx`` (``seq_length + 1``
+        tokens, padding excluded), in order; from the indices alone."""
+        if self.shuffle_index is None:
+            self._query_document_sample_shuffle_indices(0)  # lazily memory-maps the indices
+        i = self.shuffle_index[idx]
+        beg, beg_offset = (int(v) for v in self.sample_index[i])
+        end, end_offset = (int(v) for v in self.sample_index[i + 1])
+        docs = self.document_index[beg : end + 1]
+        lengths = self._sequence_lengths[docs].astype(np.int64)
+        # The last piece runs to end_offset inclusive (the extra label token), clipped
+        # to the document as IndexedDataset.get clips it; the first starts at beg_offset.
+        lengths[-1] = min(int(lengths[-1]), end_offset + 1)
+        lengths[0] -= beg_offset
+        return lengths[lengths > 0]
+
+    def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
+        sample = super().__getitem__(idx)
+        S = self.config.sequence_length
+        pieces = self.segment_lengths(0 if idx is None else idx)
+        real = int(pieces.sum())  # tokens of the S+1 window that are not padding
+        loss_mask = torch.ones(S, dtype=torch.float32)
+        if real <= S:
+            loss_mask[max(real - 1, 0) :] = 0.0  # labels (and inputs) from padding
+        if idx is None:
+            loss_mask.zero_()  # Megatron's batch-padding sample
+        if not self.config.document_masking:
+            sample.update(
+                loss_mask=loss_mask, position_ids=self._arange.clone(), cu_seqlens=self._plain_cu_seqlens.clone()
+            )
+            return sample
+        starts = np.cumsum(pieces) - pieces  # start of each piece in the S+1 window
+        # A target whose label opens the next piece belongs to another document.
+        label_starts = starts[1:]
+        loss_mask[torch.from_numpy(label_starts[label_starts <= S] - 1)] = 0.0
+        bounds = starts[starts < S]
+        if real < S:
+            bounds = np.append(bounds, real)  # padding forms its own segment
+        cu = np.full(S + 1, S, dtype=np.int32)
+        cu[: bounds.size] = bounds
+        span = np.diff(np.append(bounds, S))
+        position_ids = self._arange - torch.from_numpy(np.repeat(bounds, span))
+        sample.update(loss_mask=loss_mask, position_ids=position_ids, cu_seqlens=torch.from_numpy(cu))
+        return sample
+
+
+def all_segment_lengths(dataset: ExactGPTDataset, sample_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Vectorised ``segment_lengths`` over many samples: ``(lengths, sample_of_piece)``
+    (pieces in sample order; zero-length pieces dropped)."""
+    if dataset.shuffle_index is None:
+        dataset._query_document_sample_shuffle_indices(0)
+    shuffled = np.asarray(dataset.shuffle_index)[sample_ids]
+    sample_index = np.asarray(dataset.sample_index)
+    beg, beg_offset = sample_index[shuffled, 0].astype(np.int64), sample_index[shuffled, 1].astype(np.int64)
+    end, end_offset = sample_index[shuffled + 1, 0].astype(np.int64), sample_index[shuffled + 1, 1].astype(np.int64)
+    count = end - beg + 1
+    owner = np.repeat(np.arange(len(sample_ids)), count)
+    first = np.cumsum(count) - count
+    within = np.arange(int(count.sum())) - np.repeat(first, count)
+    docs = np.asarray(dataset.document_index)[np.repeat(beg, count) + within]
+    lengths = dataset.dataset.sequence_lengths[docs].astype(np.int64)
+    last = first + count - 1
+    lengths[last] = np.minimum(lengths[last], end_offset + 1)
+    lengths[first] -= beg_offset
+    keep = lengths > 0
+    return lengths[keep], owner[keep]
+
+
+def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's blend syntax (``--data-path``) -> ``(prefixes, weights or None)``."""
+    parts = [p for item in data_path for p in str(item).split()]
+    if not parts:
+        raise ValueError("--data-path is empty")
+    try:
+        return get_blend_from_list(parts)
+    except (AssertionError, ValueError) as err:
+        raise ValueError(f"--data-path {' '.join(parts)!r}: expected 'prefix ...' or 'weight prefix ...' ({err})") from None
+
+
+def _resolve_tokenizer(prefixes: Sequence[str], tokenizer):
+    import os
+
+    with_sidecar = [p for p in prefixes if os.path.exists(sidecar_path(p))]
+    if tokenizer is None:
+        if not with_sidecar:
+            raise ValueError(
+                f"no tokenizer given and no {sidecar_path(prefixes[0])}: pass a tokenizer "
+                "(datasets made by Megatron-LM carry no sidecar)"
+            )
+        record = read_tokenizer_sidecar(with_sidecar[0])
+        tokenizer = build_tokenizer(record["tokenizer_type"], record.get("tokenizer_model"))
+    for prefix in with_sidecar:
+        check_tokenizer_matches(prefix, tokenizer)
+    return tokenizer
+
+
+def build_config(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    document_masking: bool = True,
+    cache_path: Optional[str] = None,
+    tokenizer=None,
+) -> ExactGPTDatasetConfig:
+    prefixes, weights = parse_data_path(data_path)
+    return ExactGPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=cache_path,
+        tokenizer=_resolve_tokenizer(prefixes, tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        document_masking=document_masking,
+    )
+
+
+def build_train_valid_test_datasets(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[Optional[int]],
+    document_masking: bool = True,
+    cache_path: Optional[str] = None,
+    tokenizer=None,
+):
+    """``(train, valid, test)`` datasets of packed samples with boundaries (see module doc)."""
+    if len(num_samples) != 3:
+        raise ValueError(f"num_samples must give (train, valid, test), got {num_samples}")
+    config = build_config(data_path, split, seq_length, seed, document_masking, cache_path, tokenizer)
+    if cache_path and config.blend[1] is not None and not torch.distributed.is_initialized():
+        # Megatron-Core's BlendedDataset asks torch.distributed for the rank when it caches.
+        raise ValueError("a weighted --data-path blend with a cache path needs torch.distributed initialised; "
+                         "initialise it first or pass cache_path=None")
+    return tuple(BlendedMegatronDatasetBuilder(ExactGPTDataset, list(num_samples), lambda: True, config).build())
