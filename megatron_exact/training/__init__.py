@@ -1,0 +1,1 @@
+"""Training: the EXACT trainer, its arguments, checkpointing and logging."""
