@@ -130,8 +130,9 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     if model_type not in _SUPPORTED_MODEL_TYPES:
         fail(f"model_type {model_type!r} is not supported (supported: qwen2, llama)")
     family = _SUPPORTED_MODEL_TYPES[model_type]
-    if config.get("num_experts") or config.get("num_local_experts"):
-        fail("mixture-of-experts models are not supported")
+    for moe_field in ("num_experts", "num_local_experts"):
+        if config.get(moe_field):
+            fail(f"mixture-of-experts models ({moe_field}={config[moe_field]}) are not supported")
     if config.get("use_sliding_window"):
         fail("sliding-window attention (use_sliding_window=true) is not supported")
     if config.get("mlp_bias"):
@@ -144,16 +145,17 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     rope_theta = config.get("rope_theta")
     rope_scaling = None
     scaling = config.get("rope_scaling") or None
+    scaling_field = "rope_scaling"  # named in errors: the field the user's file spells
     # transformers 5 folds rope_theta into rope_parameters; accept both spellings.
     params = config.get("rope_parameters") or None
     if params:
         rope_theta = params.get("rope_theta", rope_theta)
         if params.get("rope_type", "default") != "default":
-            scaling = params
+            scaling, scaling_field = params, "rope_parameters"
     if scaling:
         rope_type = scaling.get("rope_type", scaling.get("type"))
         if rope_type != "llama3":
-            fail(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+            fail(f"{scaling_field} type {rope_type!r} is not supported (only 'llama3')")
         rope_scaling = RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),

@@ -1,0 +1,178 @@
+"""Model presets against the published configs, and the HF-config builder against the presets.
+
+Reference values are transcribed from independent public sources (not imported):
+
+* LITGPT: https://github.com/Lightning-AI/litgpt/blob/26857050fe3ff627cd714fe92f5838f51a3d5efa/litgpt/config.py
+  (each entry quotes the model's huggingface.co config.json; litgpt's ``padded_vocab_size`` is
+  the HF ``vocab_size``, its ``block_size`` the HF ``max_position_embeddings``,
+  ``n_embd`` defaults to 4096 and ``norm_eps`` to 1e-5; ``rope_adjustments`` is HF's
+  llama3 ``rope_scaling``, ``original_max_seq_len`` its ``original_max_position_embeddings``).
+* BRIDGE_QWEN: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/fb8a4d6bffdc62ddcd78fc520a4304353d52aca1/src/megatron/bridge/models/qwen/qwen_provider.py
+* BRIDGE_LLAMA: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/2afd2d34f7d7b2e84095af1a7fd7244902189ebc/src/megatron/bridge/models/llama/llama_provider.py
+  (tie flags: ``share_embeddings_and_output_weights`` of Qwen25ModelProvider500M/1P5B/3B/7B,
+  Llama32ModelProvider1B/3B, Llama31ModelProvider8B; litgpt does not record them).
+"""
+
+import dataclasses
+import json
+
+import pytest
+
+from megatron_exact.model.config import PRESETS, RopeScaling, UnsupportedModelError, arch_from_hf_config, get_preset
+
+LITGPT = "https://github.com/Lightning-AI/litgpt/blob/26857050fe3ff627cd714fe92f5838f51a3d5efa/litgpt/config.py"
+BRIDGE_QWEN = (
+    "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/fb8a4d6bffdc62ddcd78fc520a4304353d52aca1"
+    "/src/megatron/bridge/models/qwen/qwen_provider.py"
+)
+BRIDGE_LLAMA = (
+    "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/2afd2d34f7d7b2e84095af1a7fd7244902189ebc"
+    "/src/megatron/bridge/models/llama/llama_provider.py"
+)
+
+LLAMA32_ROPE = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+LLAMA31_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+# preset: (hidden, layers, heads, kv_heads, intermediate, vocab, max_positions, rope_theta, rope_scaling,
+#          rms_norm_eps, tie_word_embeddings, source of the values, source of the tie flag)
+REFERENCE = {
+    "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936, 32768, 1000000.0, None, 1e-6, True,
+                     LITGPT + " (Qwen2.5-0.5B{})", BRIDGE_QWEN + " (Qwen25ModelProvider500M)"),
+    "qwen2.5-1.5b": (1536, 28, 12, 2, 8960, 151936, 131072, 1000000.0, None, 1e-6, True,
+                     LITGPT + " (Qwen2.5-1.5B{})", BRIDGE_QWEN + " (Qwen25ModelProvider1P5B)"),
+    "qwen2.5-3b": (2048, 36, 16, 2, 11008, 151936, 32768, 1000000.0, None, 1e-6, True,
+                   LITGPT + " (Qwen2.5-3B{})", BRIDGE_QWEN + " (Qwen25ModelProvider3B)"),
+    "qwen2.5-7b": (3584, 28, 28, 4, 18944, 152064, 131072, 1000000.0, None, 1e-6, False,
+                   LITGPT + " (Qwen2.5-7B{})", BRIDGE_QWEN + " (Qwen25ModelProvider7B: Qwen2ModelProvider default)"),
+    "llama3.2-1b": (2048, 16, 32, 8, 8192, 128256, 131072, 500000.0, LLAMA32_ROPE, 1e-5, True,
+                    LITGPT + " (Llama-3.2-1B{})", BRIDGE_LLAMA + " (Llama32ModelProvider1B)"),
+    "llama3.2-3b": (3072, 28, 24, 8, 8192, 128256, 131072, 500000.0, LLAMA32_ROPE, 1e-5, True,
+                    LITGPT + " (Llama-3.2-3B{})", BRIDGE_LLAMA + " (Llama32ModelProvider3B)"),
+    "llama3.1-8b": (4096, 32, 32, 8, 14336, 128256, 131072, 500000.0, LLAMA31_ROPE, 1e-5, False,
+                    LITGPT + " (Llama-3.1-8B{}, n_embd default 4096)", BRIDGE_LLAMA + " (Llama31ModelProvider8B)"),
+}
+
+
+def hf_config_json(name):
+    """The model's config.json as its publisher writes it, filled from the reference row."""
+    hidden, layers, heads, kv_heads, ffn, vocab, max_pos, theta, rope, eps, tie = REFERENCE[name][:11]
+    config = {
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "max_position_embeddings": max_pos,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": eps,
+        "rope_theta": theta,
+        "tie_word_embeddings": tie,
+        "torch_dtype": "bfloat16",
+        "vocab_size": vocab,
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+    }
+    if name.startswith("qwen"):
+        config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
+                      sliding_window=max_pos, max_window_layers=layers, rope_scaling=None)
+    else:
+        config.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
+                      mlp_bias=False, head_dim=hidden // heads, rope_scaling={"rope_type": "llama3", **rope})
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_preset_matches_published_config(name):
+    hidden, layers, heads, kv_heads, ffn, vocab, max_pos, theta, rope, eps, tie = REFERENCE[name][:11]
+    arch = PRESETS[name]
+    assert arch.hidden_size == hidden
+    assert arch.num_layers == layers
+    assert arch.num_attention_heads == heads
+    assert arch.num_query_groups == kv_heads
+    assert arch.ffn_hidden_size == ffn
+    assert arch.vocab_size == vocab
+    assert arch.max_position_embeddings == max_pos
+    assert arch.rotary_base == theta
+    assert arch.rope_scaling == (RopeScaling(**rope) if rope else None)
+    assert arch.norm_epsilon == eps
+    assert arch.tie_word_embeddings is tie
+    assert arch.kv_channels == hidden // heads
+    assert arch.add_qkv_bias is name.startswith("qwen")
+    assert arch.family == ("qwen2" if name.startswith("qwen") else "llama")
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_hf_config_builder_gives_the_preset(name, tmp_path):
+    config = hf_config_json(name)
+    assert arch_from_hf_config(config) == PRESETS[name]
+    # The file and its directory too, as users pass them.
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert arch_from_hf_config(tmp_path) == PRESETS[name]
+    assert arch_from_hf_config(tmp_path / "config.json") == PRESETS[name]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_transformers_own_config_serialisation_gives_the_preset(name):
+    """transformers 5 writes RoPE under ``rope_parameters``; what it saves must read back the same."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    config = hf_config_json(name)
+    config_class = Qwen2Config if config["model_type"] == "qwen2" else LlamaConfig
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    assert arch_from_hf_config(config_class(**fields).to_dict()) == PRESETS[name]
+
+
+def test_tiny_presets_are_valid_small_members_of_their_family():
+    for name in ("tiny-qwen2", "tiny-llama3"):
+        arch = get_preset(name)
+        assert arch.num_attention_heads % arch.num_query_groups == 0
+        assert arch.hidden_size % arch.num_attention_heads == 0
+        assert arch.add_qkv_bias is (arch.family == "qwen2")
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"--model 'qwen9'.*qwen2\.5-0\.5b"):
+        get_preset("qwen9")
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": "qwen2_moe", "num_experts": 60}, "model_type"),
+        ({"num_experts": 8}, "num_experts"),
+        ({"num_local_experts": 8}, "num_local_experts"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}, "rope_parameters"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_builder_refuses_what_the_model_would_compute_differently(change, field):
+    config = {**hf_config_json("qwen2.5-0.5b"), **change}
+    with pytest.raises(UnsupportedModelError, match=field):
+        arch_from_hf_config(config)
+
+
+def test_llama_attention_bias_is_refused():
+    with pytest.raises(UnsupportedModelError, match="attention_bias"):
+        arch_from_hf_config({**hf_config_json("llama3.2-1b"), "attention_bias": True})
+
+
+def test_refusal_names_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**hf_config_json("llama3.1-8b"), "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(UnsupportedModelError, match=str(path)):
+        arch_from_hf_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        arch_from_hf_config(tmp_path / "missing")
+
+
+def test_non_default_llama3_rope_values_are_kept():
+    rope = {"rope_type": "llama3", "factor": 16.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 4096}
+    arch = arch_from_hf_config({**hf_config_json("llama3.1-8b"), "rope_scaling": rope})
+    assert arch.rope_scaling == RopeScaling(16.0, 2.0, 8.0, 4096)
+    assert dataclasses.replace(arch, rope_scaling=PRESETS["llama3.1-8b"].rope_scaling) == PRESETS["llama3.1-8b"]
