@@ -1,0 +1,8 @@
+"""HF <-> Megatron-Core checkpoint conversion on CPU (Qwen2/2.5 and LLaMA-3.x dense models).
+
+- :mod:`.hf_mapping`: parameter names and fused layouts (QKV per query group, gate/up, padded vocabulary).
+- :mod:`.importer`: ``import_hf`` (HF directory -> ``torch_dist`` checkpoint).
+- :mod:`.exporter`: ``export_hf`` (``torch_dist`` checkpoint at any TP/PP -> HF directory).
+- :mod:`.verify`: logits of both sides on the same random tokens.
+- :mod:`.megatron_checkpoint`: building a model that matches a checkpoint and loading its weights.
+"""
