@@ -1,0 +1,323 @@
+"""Command-line flags of the trainer and their validation.
+
+Flags keep Megatron-LM's names wherever the concept is the same. Everything
+that can be checked without building a model is checked in
+:func:`validate_args` (parallel sizes against the world size, heads and KV
+groups against TP, sequence length against the model's limits, the data's
+vocabulary against the model's, missing data files), so a bad launch fails in
+seconds with an error naming the flag, before any memory is allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megatron_exact.loss import add_exact_args, exact_config_from_args
+from megatron_exact.model.config import PRESETS, ModelArch, RopeScaling, arch_from_hf_config, get_preset
+
+
+class ConfigError(ValueError):
+    """A launch configuration that cannot work; the message names the flag."""
+
+
+class ConfigWarning(UserWarning):
+    """A launch configuration that works but is probably not what was meant."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_exact.py",
+        description="Long-context continued pretraining with EXACT on Megatron-Core (launch with torchrun).",
+        allow_abbrev=False,
+    )
+
+    group = parser.add_argument_group("model")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=sorted(PRESETS), help="a named architecture preset")
+    source.add_argument("--hf-config", help="a HF model directory (or its config.json) giving the architecture")
+    # Megatron-LM's architecture flags, as overrides of the preset/HF config (tiny test models).
+    group.add_argument("--num-layers", type=int)
+    group.add_argument("--hidden-size", type=int)
+    group.add_argument("--ffn-hidden-size", type=int)
+    group.add_argument("--num-attention-heads", type=int)
+    group.add_argument("--num-query-groups", type=int)
+    group.add_argument("--max-position-embeddings", type=int)
+    group.add_argument("--vocab-size", type=int, help="true (unpadded) vocabulary size of the model")
+    group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                       help="pad the embedding to a multiple of this x TP (trimmed again at HF export)")
+    group.add_argument("--rotary-base", type=float, help="RoPE theta (default: the model's)")
+    group.add_argument("--use-rope-scaling", action="store_true",
+                       help="apply LLaMA-3.1-style RoPE frequency scaling (factor --rope-scaling-factor, default 8)")
+    group.add_argument("--rope-scaling-factor", type=float,
+                       help="LLaMA-3.1-style RoPE scaling factor (replaces the model's; implies --use-rope-scaling)")
+    group.add_argument("--rotary-seq-len-interpolation-factor", type=float,
+                       help="linear position interpolation: positions are divided by this factor")
+
+    group = parser.add_argument_group("parallelism")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    group.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    group.add_argument("--context-parallel-size", type=int, default=1)
+    group.add_argument("--sequence-parallel", action="store_true")
+    group.add_argument("--use-distributed-optimizer", action="store_true")
+
+    group = parser.add_argument_group("training")
+    group.add_argument("--micro-batch-size", type=int, default=1)
+    group.add_argument("--global-batch-size", type=int)
+    group.add_argument("--seq-length", type=int, required=True)
+    group.add_argument("--train-iters", type=int, required=True)
+    group.add_argument("--seed", type=int, default=1234)
+    group.add_argument("--bf16", action="store_true")
+    group.add_argument("--recompute-granularity", choices=("full", "selective"))
+    group.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform",
+                       help="with --recompute-granularity full")
+    group.add_argument("--recompute-num-layers", type=int, default=1,
+                       help="with --recompute-granularity full")
+    group.add_argument("--nan-loss-policy", choices=("stop", "skip"), default="stop",
+                       help="on a NaN/Inf loss: stop the run with a message, or skip the optimizer step")
+
+    group = parser.add_argument_group("optimizer and schedule")
+    group.add_argument("--lr", type=float, required=True)
+    group.add_argument("--min-lr", type=float, default=0.0)
+    group.add_argument("--lr-warmup-iters", type=int, default=0)
+    group.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    group.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+                       default="cosine")
+    group.add_argument("--lr-wsd-decay-style", choices=("exponential", "linear", "cosine"), default="exponential")
+    group.add_argument("--lr-wsd-decay-iters", type=int)
+    group.add_argument("--weight-decay", type=float, default=0.01)
+    group.add_argument("--adam-beta1", type=float, default=0.9)
+    group.add_argument("--adam-beta2", type=float, default=0.999)
+    group.add_argument("--adam-eps", type=float, default=1e-8)
+    group.add_argument("--clip-grad", type=float, default=1.0)
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--data-path", nargs="+", required=True,
+                       help="Megatron blend: 'prefix' or 'weight1 prefix1 weight2 prefix2 ...'")
+    group.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    group.add_argument("--data-cache-path", help="where Megatron-Core caches its sample indices")
+    group.add_argument("--no-document-masking", dest="document_masking", action="store_false",
+                       help="attend across document boundaries (positions 0..S-1, every real token supervised)")
+    group.add_argument("--tokenizer-type", help="default: the data's tokenizer sidecar (checked against it)")
+    group.add_argument("--tokenizer-model", help="default: the data's tokenizer sidecar (checked against it)")
+
+    add_exact_args(parser)
+
+    group = parser.add_argument_group("checkpointing")
+    group.add_argument("--save", help="checkpoint directory")
+    group.add_argument("--load", help="checkpoint directory to resume (or --finetune) from")
+    group.add_argument("--save-interval", type=int)
+    group.add_argument("--finetune", action="store_true",
+                       help="load model weights only and start at iteration 0 (CPT from a converted HF checkpoint)")
+    group.add_argument("--no-load-optim", action="store_true")
+    group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    group.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM/SIGUSR1 save a checkpoint after the current iteration and exit cleanly")
+
+    group = parser.add_argument_group("validation and logging")
+    group.add_argument("--eval-interval", type=int, default=1000)
+    group.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
+    group.add_argument("--log-interval", type=int, default=100)
+    group.add_argument("--metrics-file", help="one JSON line per iteration and per validation")
+    group.add_argument("--tensorboard-dir")
+    group.add_argument("--wandb-project")
+    group.add_argument("--wandb-exp-name")
+    group.add_argument("--peak-tflops", type=float,
+                       help="peak dense TFLOP/s of one GPU for MFU (default: looked up from the device name)")
+    return parser
+
+
+@dataclass
+class RunLayout:
+    """Sizes derived from the flags and the world size."""
+
+    world_size: int
+    data_parallel_size: int
+    num_microbatches: int
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size  # completed against DP in validate_args
+        args.global_batch_size_from_default = True
+    else:
+        args.global_batch_size_from_default = False
+    return args
+
+
+def resolve_arch(args: argparse.Namespace) -> ModelArch:
+    """The architecture from --model/--hf-config with Megatron-LM's size flags applied on top."""
+    try:
+        arch = get_preset(args.model) if args.model else arch_from_hf_config(args.hf_config)
+    except (FileNotFoundError, ValueError) as err:
+        flag = "--model" if args.model else "--hf-config"
+        raise ConfigError(f"{flag}: {err}") from None
+    overrides = {
+        "num_layers": args.num_layers,
+        "hidden_size": args.hidden_size,
+        "ffn_hidden_size": args.ffn_hidden_size,
+        "num_attention_heads": args.num_attention_heads,
+        "num_query_groups": args.num_query_groups,
+        "max_position_embeddings": args.max_position_embeddings,
+        "vocab_size": args.vocab_size,
+    }
+    arch = arch.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if args.num_attention_heads is not None and args.num_query_groups is None:
+        # Megatron-LM: without --num-query-groups attention is multi-head.
+        arch = arch.replace(num_query_groups=arch.num_attention_heads)
+    if args.rope_scaling_factor is not None or args.use_rope_scaling:
+        factor = args.rope_scaling_factor or (arch.rope_scaling.factor if arch.rope_scaling else 8.0)
+        base = arch.rope_scaling or RopeScaling(factor=factor)
+        arch = arch.replace(rope_scaling=RopeScaling(factor, base.low_freq_factor, base.high_freq_factor,
+                                                     base.original_max_position_embeddings))
+    return arch
+
+
+def data_prefixes(data_path: Sequence[str]) -> list[str]:
+    from megatron_exact.data.dataset import parse_data_path
+
+    try:
+        prefixes, _ = parse_data_path(data_path)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return prefixes
+
+
+def resolve_tokenizer_record(args: argparse.Namespace, prefixes: Sequence[str]) -> dict:
+    """The tokenizer (type, model, vocab size, EOD) of the run, checked against the data's sidecar."""
+    from megatron_exact.data.tokenizers import build_tokenizer, read_tokenizer_sidecar, sidecar_path
+
+    sidecars = {p: read_tokenizer_sidecar(p) for p in prefixes if os.path.exists(sidecar_path(p))}
+    for prefix, record in sidecars.items():
+        first_prefix, first = next(iter(sidecars.items()))
+        if (record["vocab_size"], record["eod"]) != (first["vocab_size"], first["eod"]):
+            raise ConfigError(f"--data-path: {prefix} and {first_prefix} were tokenized with different tokenizers "
+                              f"(vocab_size {record['vocab_size']} vs {first['vocab_size']})")
+    if args.tokenizer_type is None:
+        if not sidecars:
+            raise ConfigError(f"--tokenizer-type is required: the data has no tokenizer sidecar "
+                              f"({sidecar_path(prefixes[0])}), e.g. because Megatron-LM preprocessed it")
+        record = dict(next(iter(sidecars.values())))
+        if args.tokenizer_model is not None:
+            raise ConfigError("--tokenizer-model needs --tokenizer-type")
+        return record
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(str(err)) from None
+    record = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+              "vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod)}
+    for prefix, theirs in sidecars.items():
+        if (theirs["vocab_size"], theirs["eod"]) != (record["vocab_size"], record["eod"]):
+            raise ConfigError(
+                f"--tokenizer-type {args.tokenizer_type} (vocab_size {record['vocab_size']}, eod {record['eod']}) "
+                f"does not match the tokenizer that made {prefix} ({theirs['tokenizer_type']}, vocab_size "
+                f"{theirs['vocab_size']}, eod {theirs['eod']}; see {sidecar_path(prefix)})"
+            )
+    return record
+
+
+def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch, RunLayout, dict]:
+    """Check the whole configuration before any model is built.
+
+    Returns the architecture, the derived layout and the tokenizer record;
+    raises :class:`ConfigError` naming the offending flag.
+    """
+    for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                 "micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters",
+                 "eval_interval", "log_interval"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag in ("train_iters", "eval_iters") else 1):
+            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) x "
+            f"--pipeline-model-parallel-size ({pp}) x --context-parallel-size ({cp}) = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if args.global_batch_size_from_default:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"({args.micro_batch_size}) x data-parallel size ({dp} = world {world_size} / TP*PP*CP {model_parallel})"
+        )
+    if args.sequence_parallel and tp == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1", ConfigWarning)
+
+    arch = resolve_arch(args)
+    if arch.num_attention_heads % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the model's "
+                          f"{arch.num_attention_heads} attention heads (--num-attention-heads)")
+    if arch.num_query_groups % tp:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the model's "
+                          f"{arch.num_query_groups} key/value groups (--num-query-groups)")
+    if arch.num_attention_heads % arch.num_query_groups:
+        raise ConfigError(f"--num-query-groups {arch.num_query_groups} does not divide "
+                          f"--num-attention-heads {arch.num_attention_heads}")
+    if arch.num_layers % pp:
+        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the model's {arch.num_layers} layers")
+    extended = args.use_rope_scaling or args.rope_scaling_factor or args.rotary_seq_len_interpolation_factor \
+        or args.rotary_base
+    if args.seq_length > arch.max_position_embeddings and not extended:
+        warnings.warn(
+            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+            f"{arch.max_position_embeddings} and no context-extension flag is set (--rotary-base, "
+            "--use-rope-scaling/--rope-scaling-factor, --rotary-seq-len-interpolation-factor): positions beyond "
+            "the original limit were never trained",
+            ConfigWarning,
+        )
+    if args.rotary_seq_len_interpolation_factor is not None and args.rotary_seq_len_interpolation_factor < 1:
+        raise ConfigError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
+                          f"{args.rotary_seq_len_interpolation_factor}")
+
+    prefixes = data_prefixes(args.data_path)
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not os.path.isfile(prefix + suffix):
+                raise ConfigError(f"--data-path: {prefix}{suffix} does not exist "
+                                  "(give prefixes without suffix, as written by tools/preprocess_data.py)")
+    tokenizer = resolve_tokenizer_record(args, prefixes)
+    if tokenizer["vocab_size"] > arch.vocab_size:
+        raise ConfigError(
+            f"--data-path: the data's tokenizer has {tokenizer['vocab_size']} tokens but the model "
+            f"({args.model or args.hf_config}) only {arch.vocab_size} (--vocab-size); token ids would overflow "
+            "the embedding"
+        )
+
+    try:
+        exact_config_from_args(args)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
+    if args.save_interval and not args.save:
+        raise ConfigError("--save-interval needs --save (the checkpoint directory)")
+    if args.exit_signal_handler and not args.save:
+        raise ConfigError("--exit-signal-handler needs --save (it saves a checkpoint before exiting)")
+    if args.finetune and not args.load:
+        raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
+    if args.load and args.finetune:
+        from megatron_exact.training.checkpoint_io import read_tracker
+
+        if read_tracker(args.load) is None and not os.path.isfile(os.path.join(args.load, "metadata.json")):
+            raise ConfigError(f"--load {args.load}: no checkpoint there to --finetune from")
+    if args.lr_warmup_iters > (args.lr_decay_iters or args.train_iters) and args.train_iters:
+        raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "
+                          f"({args.lr_decay_iters or args.train_iters})")
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    if args.wandb_project:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--wandb-project needs the optional package wandb (pip install wandb)")
+    layout = RunLayout(world_size, dp, args.global_batch_size // (args.micro_batch_size * dp))
+    return arch, layout, tokenizer

@@ -1,0 +1,212 @@
+"""Trainer checkpoints in Megatron-Core's ``torch_dist`` format (Megatron-LM's layout).
+
+One checkpoint is ``{save}/iter_{iteration:07d}/``, written by every rank
+through ``dist_checkpointing.save`` into a temporary directory that rank 0
+renames into place once all ranks are done; only then is the tracker
+(``latest_checkpointed_iteration.txt``) rewritten. A run killed mid-save
+leaves a hidden temporary directory and the tracker still naming the
+previous complete checkpoint, which is what a resume loads.
+
+Contents: ``model`` (sharded), ``optimizer`` (sharded against the model, so
+it reloads under another TP/PP layout), ``opt_param_scheduler``,
+``rng_state`` (per TP/PP rank; skipped when the layout changed),
+``iteration``, ``data_position`` (consumed samples), ``model_arch``,
+``padded_vocab_size``, ``checkpoint_version`` and ``args``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_exact.model.config import ModelArch
+from megatron_exact.training.checkpoint_io import (
+    RELEASE,
+    atomic_directory,
+    checkpoint_dir,
+    read_tracker,
+    resolve_checkpoint,
+    write_tracker_atomically,
+)
+
+CHECKPOINT_VERSION = 3.0
+
+
+@dataclasses.dataclass
+class LoadedState:
+    iteration: int
+    consumed_train_samples: int
+    directory: Path
+
+
+def _rng_state_object() -> ShardedObject:
+    """This rank's RNG states, one object per (PP, TP) rank; DP x CP replicas share them."""
+    state = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject(
+        "rng_state",
+        state,
+        (parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def _restore_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def save_checkpoint(
+    save: str,
+    iteration: int,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    arch: ModelArch,
+    padded_vocab_size: int,
+    consumed_train_samples: int,
+    args_record: dict,
+) -> Path:
+    """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it."""
+    final = checkpoint_dir(save, iteration)
+    holder = [None]
+    if _rank0():
+        context = atomic_directory(final, overwrite=True)
+        holder[0] = str(context.__enter__())
+    torch.distributed.broadcast_object_list(holder, src=0)
+    tmp = Path(holder[0])
+    try:
+        model_state = model.sharded_state_dict()
+        state = {
+            "model": model_state,
+            "optimizer": optimizer.sharded_state_dict(model_state),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "rng_state": _rng_state_object(),
+            "iteration": iteration,
+            "data_position": {"consumed_train_samples": consumed_train_samples},
+            "model_arch": dataclasses.asdict(arch),
+            "padded_vocab_size": padded_vocab_size,
+            "checkpoint_version": CHECKPOINT_VERSION,
+            "args": args_record,
+        }
+        dist_checkpointing.save(state, str(tmp))
+        torch.distributed.barrier()
+    except BaseException as err:
+        if _rank0():
+            context.__exit__(type(err), err, err.__traceback__)
+        raise
+    if _rank0():
+        context.__exit__(None, None, None)  # renames the temporary directory to iter_XXXXXXX
+        write_tracker_atomically(save, iteration)
+    torch.distributed.barrier()
+    return final
+
+
+def remove_stale_temporaries(save: str) -> list[Path]:
+    """Delete what interrupted saves left behind (hidden ``.iter_*.tmp`` directories); rank 0 only."""
+    removed = []
+    root = Path(save)
+    if _rank0() and root.is_dir():
+        for path in root.glob(".iter_*.tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def checkpoint_to_resume(load: Optional[str]) -> Optional[tuple[Path, object]]:
+    """The complete checkpoint the tracker names in ``load``, or None when there is none yet."""
+    if not load:
+        return None
+    if read_tracker(load) is None and not (Path(load) / "metadata.json").is_file():
+        return None
+    return resolve_checkpoint(load)
+
+
+def _check_model_matches(directory: Path, common: dict, arch: ModelArch, padded_vocab_size: int) -> None:
+    saved = common.get("model_arch")
+    if saved is not None and saved != dataclasses.asdict(arch):
+        diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(arch).items() if saved.get(k) != v}
+        raise ValueError(f"--load {directory}: checkpoint architecture differs from this run's "
+                         f"(field: (checkpoint, run)): {diffs}")
+    saved_padded = common.get("padded_vocab_size")
+    if saved_padded is not None and saved_padded != padded_vocab_size:
+        raise ValueError(
+            f"--load {directory}: checkpoint embedding has {saved_padded} rows (padded vocabulary) but this run "
+            f"pads to {padded_vocab_size}; choose --make-vocab-size-divisible-by so that the padded size is "
+            "the same under both tensor-parallel sizes"
+        )
+
+
+def load_checkpoint(
+    load: str,
+    model,
+    optimizer,
+    scheduler,
+    *,
+    arch: ModelArch,
+    padded_vocab_size: int,
+    finetune: bool = False,
+    load_optimizer: bool = True,
+    load_rng: bool = True,
+) -> Optional[LoadedState]:
+    """Restore the newest complete checkpoint in ``load`` (None when there is none).
+
+    ``finetune`` (and any ``release`` checkpoint, i.e. a converted HF import)
+    loads the model weights only and starts at iteration 0.
+    """
+    found = checkpoint_to_resume(load)
+    if found is None:
+        return None
+    directory, iteration = found
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    _check_model_matches(directory, common, arch, padded_vocab_size)
+    weights_only = finetune or iteration == RELEASE
+    model_state = model.sharded_state_dict()
+    request = {"model": model_state}
+    if not weights_only:
+        if load_optimizer:
+            request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+        saved_layout = (common.get("args") or {}).get("layout", {})
+        this_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+                       "pp": parallel_state.get_pipeline_model_parallel_world_size()}
+        load_rng = load_rng and all(saved_layout.get(k) == v for k, v in this_layout.items())
+        if load_rng:
+            request["rng_state"] = _rng_state_object()
+    loaded = dist_checkpointing.load(request, str(directory))
+    model.load_state_dict(loaded["model"])
+    if weights_only:
+        return LoadedState(iteration=0, consumed_train_samples=0, directory=directory)
+    if "optimizer" in loaded:
+        optimizer.load_state_dict(loaded["optimizer"])
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng_state(loaded["rng_state"])
+    return LoadedState(
+        iteration=int(common["iteration"]),
+        consumed_train_samples=int(common["data_position"]["consumed_train_samples"]),
+        directory=directory,
+    )

@@ -1,0 +1,443 @@
+"""The EXACT trainer: one class, built from Megatron-Core parts.
+
+``GPTModel`` (our builder) -> ``DistributedDataParallel`` (gradients
+all-reduced by ``finalize_model_grads``) -> ``get_megatron_optimizer`` (plain
+or distributed) -> ``OptimizerParamScheduler``; each optimizer step runs
+``get_forward_backward_func()`` over this rank's micro-batches with
+:class:`megatron_exact.loss.ExactLoss` as the loss.
+
+Data: each data-parallel rank reads its own slice of the global batch with
+Megatron-LM's ``MegatronPretrainingSampler`` semantics (driven by the number
+of consumed samples, so a resume continues at exactly the next sample):
+micro-batch ``j`` of a step starting at ``consumed`` holds samples
+``consumed + j*mbs*DP + dp_rank*mbs + [0, mbs)``. All pipeline stages read
+the data (``ExactLoss.begin_step`` needs the counts on every stage), and
+every micro-batch goes through :func:`megatron_exact.model.packing.pack_batch`
+with this rank's CP/TP layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import math
+import random
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from megatron_exact.data.dataset import build_train_valid_test_datasets
+from megatron_exact.data.tokenizers import build_tokenizer
+from megatron_exact.loss import ExactLoss, exact_config_from_args
+from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
+from megatron_exact.model.config import ModelArch
+from megatron_exact.model.packing import PackedBatch, document_lengths, pack_batch, pad_multiple
+from megatron_exact.platform.distributed import initialize_model_parallel
+from megatron_exact.training.arguments import RunLayout
+from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share
+from megatron_exact.training.validation import BucketedCrossEntropy
+
+SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf and ``--nan-loss-policy stop`` is in force."""
+
+
+class ExitSignalHandler:
+    """Remembers SIGTERM/SIGUSR1 (SLURM preemption) so the loop can checkpoint and exit between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+
+def collate(samples: list[dict]) -> dict:
+    return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in SAMPLE_KEYS}
+
+
+def batch_sha1(samples: list[dict]) -> str:
+    """Hash of a global batch's tokens and labels (in sample order): equal across paired runs."""
+    digest = hashlib.sha1()
+    for sample in samples:
+        digest.update(torch.as_tensor(sample["tokens"]).to(torch.int64).numpy().tobytes())
+        digest.update(torch.as_tensor(sample["labels"]).to(torch.int64).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace, arch: ModelArch, layout: RunLayout, tokenizer_record: dict):
+        self.args, self.arch, self.layout = args, arch, layout
+        tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+        initialize_model_parallel(tp, pp, cp, seed=args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.is_logging_rank = (
+            self.is_last_stage
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+        )
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        self._build_model_and_optimizer()
+        self._build_data(tokenizer_record)
+        self.exact_loss = ExactLoss(exact_config_from_args(args), args.seq_length)
+        self.validator = BucketedCrossEntropy(args.seq_length)
+        self.forward_backward = get_forward_backward_func()
+        self.signals = ExitSignalHandler() if args.exit_signal_handler else None
+
+        self.iteration = 0
+        self.consumed_train_samples = 0
+        if args.save:
+            remove_stale_temporaries(args.save)
+        if args.load:
+            loaded = load_checkpoint(
+                args.load, self.module, self.optimizer, self.scheduler,
+                arch=arch, padded_vocab_size=self.padded_vocab_size, finetune=args.finetune,
+                load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng,
+            )
+            if loaded is not None:
+                self.iteration, self.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
+                self._print(f"loaded {loaded.directory} (iteration {self.iteration}, "
+                            f"{self.consumed_train_samples} samples consumed{', weights only' if args.finetune else ''})")
+            else:
+                self._print(f"--load {args.load}: no checkpoint yet, starting from scratch")
+        self.logger = RunLogger(args, self.iteration) if self.is_logging_rank else None
+
+    # -- construction ---------------------------------------------------------------
+    def _build_model_and_optimizer(self) -> None:
+        args, arch = self.args, self.arch
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        self.pad_multiple = pad_multiple(args.context_parallel_size, tp, args.sequence_parallel)
+        recompute = {}
+        if args.recompute_granularity == "full":
+            recompute = dict(recompute_granularity="full", recompute_method=args.recompute_method,
+                             recompute_num_layers=args.recompute_num_layers)
+        elif args.recompute_granularity == "selective":
+            recompute = dict(recompute_granularity="selective")
+        self.config = transformer_config(
+            arch,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            context_parallel_size=args.context_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            bf16=args.bf16,
+            # Per-document padding (CP/SP) makes packed lengths vary between micro-batches:
+            # the pipeline then sends tensor shapes ahead of the tensors.
+            variable_seq_lengths=pp > 1 and self.pad_multiple > 1,
+            **recompute,
+        )
+        self.padded_vocab_size = padded_vocab_size(arch.vocab_size, args.make_vocab_size_divisible_by, tp)
+        model = build_gpt_model(
+            arch, self.config, seq_length=args.seq_length,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            rotary_base=args.rotary_base,
+            rotary_seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+            rope_scaling_factor=None,  # already folded into arch by the argument resolution
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        if args.bf16:
+            model = Float16Module(self.config, model)
+        self.module = model  # what checkpoints see
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
+        self.ddp = DistributedDataParallel(self.config, ddp_config, module=model)
+        self.model = [self.ddp]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                clip_grad=args.clip_grad, bf16=args.bf16,
+                params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                use_distributed_optimizer=args.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        # Megatron-LM's wiring: DP gradient all-reduce (and division by the global token count), loss scaling.
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.no_sync_func = self.ddp.no_sync
+        gbs = args.global_batch_size
+        decay_iters = args.lr_decay_iters or args.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=args.lr,
+            min_lr=args.min_lr,
+            lr_warmup_steps=args.lr_warmup_iters * gbs,
+            lr_decay_steps=decay_iters * gbs,
+            lr_decay_style=args.lr_decay_style,
+            start_wd=args.weight_decay,
+            end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters * gbs,
+            wd_incr_style="constant",
+            wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
+            lr_wsd_decay_style=args.lr_wsd_decay_style,
+        )
+
+    def _build_data(self, tokenizer_record: dict) -> None:
+        args = self.args
+        gbs = args.global_batch_size
+        tokenizer = build_tokenizer(tokenizer_record["tokenizer_type"], tokenizer_record.get("tokenizer_model"))
+        valid_samples = args.eval_iters * gbs if args.eval_iters else 0
+        self.train_dataset, self.valid_dataset, _ = build_train_valid_test_datasets(
+            args.data_path, args.split, args.seq_length, args.seed,
+            (args.train_iters * gbs, valid_samples or None, None),
+            document_masking=args.document_masking, cache_path=args.data_cache_path, tokenizer=tokenizer,
+        )
+        if self.train_dataset is None:
+            raise ValueError(f"--split {args.split} leaves no training data")
+        if valid_samples and self.valid_dataset is None:
+            self._print(f"--split {args.split} has no validation part: validation is off")
+
+    # -- data -------------------------------------------------------------------------
+    def _microbatches(self, dataset, first_sample: int) -> list[PackedBatch]:
+        """This rank's micro-batches of the global batch starting at sample ``first_sample``."""
+        args, layout = self.args, self.layout
+        mbs, dp = args.micro_batch_size, layout.data_parallel_size
+        microbatches = []
+        for j in range(layout.num_microbatches):
+            start = first_sample + j * mbs * dp + self.dp_rank * mbs
+            batch = collate([dataset[start + i] for i in range(mbs)])
+            packed = pack_batch(
+                batch,
+                context_parallel_size=args.context_parallel_size,
+                context_parallel_rank=parallel_state.get_context_parallel_rank(),
+                tensor_model_parallel_size=args.tensor_model_parallel_size,
+                sequence_parallel=args.sequence_parallel,
+            )
+            microbatches.append(self._to_device(packed))
+        return microbatches
+
+    def _to_device(self, packed: PackedBatch) -> PackedBatch:
+        if self.device.type == "cpu":
+            return packed
+        params = packed.packed_seq_params
+        for name in ("cu_seqlens_q", "cu_seqlens_kv", "cu_seqlens_q_padded", "cu_seqlens_kv_padded"):
+            setattr(params, name, getattr(params, name).to(self.device))
+        return dataclasses.replace(
+            packed,
+            **{name: getattr(packed, name).to(self.device) for name in ("tokens", "labels", "loss_mask", "position_ids")},
+        )
+
+    def _forward_step(self, loss_func, data_iterator, model):
+        packed = next(data_iterator)
+        output = model(packed.tokens, packed.position_ids, None, labels=packed.labels,
+                       packed_seq_params=packed.packed_seq_params)
+        return output, functools.partial(loss_func, packed)
+
+    def _run_schedule(self, microbatches: list[PackedBatch], loss_func, forward_only: bool) -> list:
+        return self.forward_backward(
+            forward_step_func=functools.partial(self._forward_step, loss_func),
+            data_iterator=iter(microbatches),
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=microbatches[0].num_tokens,  # one packed row per micro-batch
+            micro_batch_size=1,
+            forward_only=forward_only,
+        )
+
+    # -- one optimizer step -------------------------------------------------------------
+    def train_step(self, microbatches: list[PackedBatch]) -> tuple[dict, Optional[float], bool]:
+        """Forward/backward over the micro-batches, then the optimizer step (or a skip on a bad loss)."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.exact_loss.begin_step(microbatches)
+        self._run_schedule(microbatches, self.exact_loss.loss_func, forward_only=False)
+        stats = self.exact_loss.step_statistics()  # last stage: global over DP x CP
+        finite = stats["objective"] is None or (math.isfinite(stats["objective"]) and math.isfinite(stats["lm_loss"]))
+        if not self._all_ranks_agree(finite):
+            message = (f"iteration {self.iteration + 1}: the loss is NaN/Inf (--nan-loss-policy "
+                       f"{self.args.nan_loss_policy})")
+            if self.args.nan_loss_policy == "stop":
+                raise NonFiniteLossError(message + "; lower --lr, check the data, or resume from the last checkpoint")
+            self._print(message + ": optimizer step skipped")
+            return stats, None, True
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return stats, (float(grad_norm) if grad_norm is not None else None), not updated
+
+    def _all_ranks_agree(self, value: bool) -> bool:
+        """True only when ``value`` is true on every rank of the job."""
+        flag = torch.tensor([0 if value else 1], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag) == 0
+
+    # -- validation ---------------------------------------------------------------------
+    def evaluate(self) -> Optional[dict]:
+        args = self.args
+        if not args.eval_iters or self.valid_dataset is None:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        reports = []
+        with torch.no_grad():
+            for batch in range(args.eval_iters):
+                microbatches = self._microbatches(self.valid_dataset, batch * args.global_batch_size)
+                reports.extend(self._run_schedule(microbatches, self.validator.loss_func, forward_only=True))
+        for chunk in self.model:
+            chunk.train()
+        if not self.is_last_stage:
+            return None
+        record = self.validator.summarize(reports, self.dp_cp_group)
+        record = {"iteration": self.iteration, "split": "valid", **record}
+        if self.logger:
+            self.logger.write_record(record)
+            self.logger.validation_line(record)
+            self.logger.scalars("valid", {"lm_loss": record["lm_loss"]}, self.iteration)
+        return record
+
+    # -- the loop -------------------------------------------------------------------------
+    def save(self) -> None:
+        args = self.args
+        layout = {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
+                  "cp": args.context_parallel_size, "dp": self.layout.data_parallel_size,
+                  "world": self.layout.world_size}
+        record = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+        record["layout"] = layout
+        start = time.time()
+        path = save_checkpoint(
+            args.save, self.iteration, self.module, self.optimizer, self.scheduler,
+            arch=self.arch, padded_vocab_size=self.padded_vocab_size,
+            consumed_train_samples=self.consumed_train_samples, args_record=record,
+        )
+        self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
+
+    def train(self) -> None:
+        args = self.args
+        gbs, seq = args.global_batch_size, args.seq_length
+        peak = peak_tflops(args.peak_tflops)
+        saved_at = self.iteration if args.load else None
+        # Throughput counts training steps only (not validation or checkpointing).
+        interval_time, interval_iterations = 0.0, 0
+        self._print(f"training iterations {self.iteration + 1}..{args.train_iters}: global batch {gbs} x {seq} "
+                    f"tokens, {self.layout.num_microbatches} micro-batch(es) of {args.micro_batch_size} per DP rank, "
+                    f"DP={self.layout.data_parallel_size} TP={args.tensor_model_parallel_size} "
+                    f"PP={args.pipeline_model_parallel_size} CP={args.context_parallel_size}, "
+                    f"loss weighting {args.loss_weighting}")
+        evaluated_at = None
+        while self.iteration < args.train_iters:
+            step_start = time.time()
+            microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples)
+            lr = self.optimizer.param_groups[0]["lr"]
+            stats, grad_norm, skipped = self.train_step(microbatches)
+            first_sample = self.consumed_train_samples
+            self.iteration += 1
+            self.consumed_train_samples += gbs
+            step_time = time.time() - step_start
+            interval_time += step_time
+            interval_iterations += 1
+            if self.logger:
+                self._log_iteration(stats, lr, grad_norm, skipped, first_sample, step_time,
+                                    interval_time, interval_iterations, peak)
+            if self.iteration % args.log_interval == 0:
+                interval_time, interval_iterations = 0.0, 0
+
+            if args.eval_interval and self.iteration % args.eval_interval == 0:
+                self.evaluate()
+                evaluated_at = self.iteration
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+                saved_at = self.iteration
+            if self.signals is not None and not self._all_ranks_agree(self.signals.received is None):
+                self._print(f"exit signal received: saving at iteration {self.iteration} and exiting")
+                if saved_at != self.iteration:
+                    self.save()
+                return
+        if evaluated_at != self.iteration:
+            self.evaluate()
+        if args.save and saved_at != self.iteration:
+            self.save()
+
+    def _log_iteration(self, stats, lr, grad_norm, skipped, first_sample, step_time, interval_time,
+                       interval_iterations, peak) -> None:
+        args = self.args
+        samples = [self.train_dataset[first_sample + i] for i in range(args.global_batch_size)]
+        tokens_processed = args.global_batch_size * args.seq_length
+        edges = stats["bucket_lower_edges"]
+        weights = stats["bucket_weights"]
+        counts = stats["bucket_tokens"]
+        supervised = max(sum(counts), 1)
+        weight_mean = sum(w * c for w, c in zip(weights, counts)) / supervised
+        exact = {
+            "tau": stats["tau"],
+            "bucket_lower_edges": edges,
+            "bucket_tokens": counts,
+            "bucket_ce_mean": stats["bucket_ce_mean"],
+            "bucket_weights": weights,
+            "tail_share": tail_share(counts, edges, stats["tau"]),
+            "weight_mean": weight_mean,
+            "weight_max": max(w for w, c in zip(weights, counts) if c) if any(counts) else 1.0,
+        }
+        record = {
+            "iteration": self.iteration,
+            "loss": stats["objective"],
+            "lm_loss": stats["lm_loss"],
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": stats["tokens"],
+            "consumed_samples": self.consumed_train_samples,
+            "batch_sha1": batch_sha1(samples),
+            "step_time_s": step_time,
+            "exact": exact,
+        }
+        if skipped:
+            record["skipped"] = True
+        self.logger.write_record(record)
+        self.logger.scalars("train", {"loss": record["loss"], "lm_loss": record["lm_loss"], "lr": lr,
+                                      "grad_norm": grad_norm, "tail_share": exact["tail_share"],
+                                      "weight_mean": weight_mean, "weight_max": exact["weight_max"]}, self.iteration)
+        if self.logger.tensorboard:
+            for edge, count, ce in zip(edges, counts, stats["bucket_ce_mean"] or [None] * len(counts)):
+                self.logger.tensorboard.add_scalar(f"exact/token_share/bucket_{edge}", count / supervised, self.iteration)
+                if ce is not None:
+                    self.logger.tensorboard.add_scalar(f"exact/mean_ce/bucket_{edge}", ce, self.iteration)
+        if self.iteration % args.log_interval == 0:
+            tokens_per_s = tokens_processed * interval_iterations / max(interval_time, 1e-9)
+            tflops = mfu = None
+            if torch.cuda.is_available():
+                squared = sum(length * length for s in samples for length in document_lengths(s["cu_seqlens"].view(1, -1)))
+                flops = model_flops(self.arch, self.padded_vocab_size, tokens_processed, squared)
+                tflops = flops / max(step_time, 1e-9) / self.layout.world_size / 1e12
+                mfu = tflops / peak if peak else None
+            printable = dict(record, loss=record["loss"] if record["loss"] is not None else float("nan"),
+                             grad_norm=grad_norm if grad_norm is not None else float("nan"))
+            self.logger.training_line(printable, elapsed_s=interval_time, iterations=interval_iterations,
+                                      tokens_per_s=tokens_per_s, tflops_per_gpu=tflops, mfu=mfu)
+
+    def close(self) -> None:
+        if self.logger:
+            self.logger.close()
+
+    def _print(self, text: str) -> None:
+        if torch.distributed.get_rank() == 0:
+            print(text, flush=True)
+
