@@ -19,6 +19,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_exact.model.attention import PackedDocumentAttention
@@ -32,6 +33,23 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, 
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+class LocalRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the local (non-TE) spec, usable with sequence parallelism.
+
+    Megatron-Core's ``WrappedTorchNorm`` (the local spec's norm without apex)
+    refuses sequence parallelism. All a norm needs for it is what TENorm and
+    apex's FusedLayerNorm do: mark the weight ``sequence_parallel`` so that
+    ``finalize_model_grads`` sums its gradient over the TP ranks, each of which
+    saw a different slice of the sequence.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused_norm_options):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"LocalRMSNorm implements RMSNorm only, got normalization={config.normalization!r}")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
     """The transformer-layer spec for our dense models (RMSNorm, SwiGLU, GQA, RoPE)."""
     if use_transformer_engine is None:
@@ -42,7 +60,21 @@ def layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = PackedDocumentAttention
+    spec.submodules.input_layernorm = LocalRMSNorm
+    spec.submodules.pre_mlp_layernorm = LocalRMSNorm
     return spec
+
+
+def block_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None):
+    """This pipeline stage's decoder block: the layer spec, plus the local final norm without TE.
+
+    Without TE, Megatron-Core would pick ``WrappedTorchNorm`` for the final norm
+    of a bare layer spec, which cannot run with sequence parallelism.
+    """
+    spec = layer_spec(use_transformer_engine)
+    if use_transformer_engine or (use_transformer_engine is None and has_transformer_engine()):
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm)
 
 
 def transformer_config(
@@ -146,7 +178,7 @@ def build_gpt_model(
     base = arch.rotary_base if rotary_base is None else rotary_base
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_transformer_engine),
+        transformer_layer_spec=block_spec(config, use_transformer_engine),
         vocab_size=padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),
         max_sequence_length=seq_length,
         pre_process=pre_process,
