@@ -20,9 +20,8 @@ from tqdm import tqdm
 
 from megatron_exact.convert.hf_mapping import expected_hf_shapes, hf_to_megatron, param_mappings
 from megatron_exact.convert.megatron_checkpoint import (
-    CHECKPOINT_VERSION,
-    arch_to_dict,
     build_model_for_checkpoint,
+    model_checkpoint_state,
     validate_parallel_layout,
 )
 from megatron_exact.convert.safetensors_stream import SafetensorsReader
@@ -152,22 +151,21 @@ def import_hf(
 
     config_text = (hf_dir / "config.json").read_text()
     generation_path = hf_dir / "generation_config.json"
-    state = {
-        "model": model.sharded_state_dict(),
-        "model_arch": arch_to_dict(arch),
-        "padded_vocab_size": padded_vocab,
-        "iteration": 0,
-        "checkpoint_version": CHECKPOINT_VERSION,
+    state = model_checkpoint_state(
+        model,
+        arch,
+        padded_vocab,
+        iteration=0,
         # Kept so that export-hf writes back the same token ids and extra fields.
-        "hf_config": json.loads(config_text),
-        "hf_generation_config": json.loads(generation_path.read_text()) if generation_path.is_file() else None,
-        "conversion": {
+        hf_config=json.loads(config_text),
+        hf_generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else None,
+        conversion={
             "source": str(hf_dir.resolve()),
             "tensor_model_parallel_size": tensor_model_parallel_size,
             "pipeline_model_parallel_size": pipeline_model_parallel_size,
             "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
         },
-    }
+    )
     print(f"import-hf: saving torch_dist checkpoint ({dtype}, padded vocabulary {padded_vocab}) to {save}", flush=True)
     with atomic_directory(save) as tmp:
         release = checkpoint_dir(tmp, RELEASE)

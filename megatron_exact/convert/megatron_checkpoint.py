@@ -32,6 +32,22 @@ def arch_from_dict(fields: dict) -> ModelArch:
     return ModelArch(**fields)
 
 
+def model_checkpoint_state(model, arch: ModelArch, padded_vocab_size: int, iteration: int = 0, **extra) -> dict:
+    """The model part of the checkpoint contract, ready for ``dist_checkpointing.save``.
+
+    Every rank of a TP/PP layout passes its own stage; the trainer adds its
+    optimizer, scheduler and RNG entries to the returned dict.
+    """
+    return {
+        "model": model.sharded_state_dict(),
+        "model_arch": arch_to_dict(arch),
+        "padded_vocab_size": padded_vocab_size,
+        "iteration": iteration,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        **extra,
+    }
+
+
 def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
     """Refuse a TP/PP layout the model cannot be split into, naming the flag and the sizes."""
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
