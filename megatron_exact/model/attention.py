@@ -105,13 +105,20 @@ class PackedDocumentAttention(MegatronModule):
         return key.transpose(0, 1), value.transpose(0, 1)
 
     def _attend(self, q, k, v, *, is_causal=False, attn_mask=None) -> torch.Tensor:
+        # SDPA's fused kernels (CPU flash included) take only 4-D [b, h, t, d]; 3-D input falls
+        # back to the math kernel, which materialises and saves the whole [h, t, t] score matrix.
+        unbatched = q.dim() == 3
+        if unbatched:
+            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         dropout_p = self.dropout_p if self.training else 0.0
         if dropout_p > 0.0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.scaled_dot_product_attention(
+                out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout_p, scale=self.softmax_scale
                 )
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale)
+        return out.squeeze(0) if unbatched else out
 
     def _per_document(self, query, key, value, cu_seqlens) -> torch.Tensor:
         bounds = cu_seqlens.tolist()
