@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--no-load-optim", action="store_true")
     group.add_argument("--no-load-rng", action="store_true")
     group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    group.add_argument("--exit-interval", type=int,
+                       help="save (with --save) and exit after an iteration divisible by this; resume with --load")
     group.add_argument("--exit-signal-handler", action="store_true",
                        help="on SIGTERM/SIGUSR1 save a checkpoint after the current iteration and exit cleanly")
 
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tensorboard-dir")
     group.add_argument("--wandb-project")
     group.add_argument("--wandb-exp-name")
+    group.add_argument("--check-weight-hash-across-dp-replicas-interval", type=int,
+                       help="every this many iterations, check that all data-parallel replicas hold identical weights")
     group.add_argument("--peak-tflops", type=float,
                        help="peak dense TFLOP/s of one GPU for MFU (default: looked up from the device name)")
     return parser

@@ -291,6 +291,20 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag) == 0
 
+    def check_weight_hash_across_dp_replicas(self) -> None:
+        """Raise unless every data-parallel replica holds bit-identical weights (gradients really all-reduced)."""
+        digest = hashlib.sha1()
+        for param in self.module.parameters():
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+        group = parallel_state.get_data_parallel_group()
+        hashes = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(hashes, digest.hexdigest(), group=group)
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"iteration {self.iteration}: data-parallel replicas hold different weights "
+                               f"(sha1 per DP rank: {hashes})")
+        self._print(f"iteration {self.iteration}: weights identical across {len(hashes)} data-parallel "
+                    f"replica(s) (sha1 {hashes[0][:12]})")
+
     # -- validation ---------------------------------------------------------------------
     def evaluate(self) -> Optional[dict]:
         args = self.args
@@ -361,6 +375,9 @@ class Trainer:
             if self.iteration % args.log_interval == 0:
                 interval_time, interval_iterations = 0.0, 0
 
+            interval = args.check_weight_hash_across_dp_replicas_interval
+            if interval and self.iteration % interval == 0:
+                self.check_weight_hash_across_dp_replicas()
             if args.eval_interval and self.iteration % args.eval_interval == 0:
                 self.evaluate()
                 evaluated_at = self.iteration
@@ -370,6 +387,11 @@ class Trainer:
             if self.signals is not None and not self._all_ranks_agree(self.signals.received is None):
                 self._print(f"exit signal received: saving at iteration {self.iteration} and exiting")
                 if saved_at != self.iteration:
+                    self.save()
+                return
+            if args.exit_interval and self.iteration % args.exit_interval == 0:
+                self._print(f"--exit-interval {args.exit_interval}: exiting at iteration {self.iteration}")
+                if args.save and saved_at != self.iteration:
                     self.save()
                 return
         if evaluated_at != self.iteration:
