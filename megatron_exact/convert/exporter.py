@@ -82,6 +82,23 @@ def _generation_config(recorded: Optional[dict], config: dict) -> dict:
     return generation
 
 
+def _recorded_hf_source(common: dict) -> tuple[Optional[dict], Optional[Path]]:
+    """The HF config and directory a checkpoint came from, as far as it records them.
+
+    An imported checkpoint stores the config itself and its source directory; a
+    trainer checkpoint records the ``--hf-config`` path among its args.
+    """
+    source = (common.get("conversion") or {}).get("source") or (common.get("args") or {}).get("hf_config")
+    directory = None
+    if source:
+        path = Path(source)
+        directory = path.parent if path.name == "config.json" else path
+    config = common.get("hf_config")
+    if config is None and directory is not None and (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+    return config, directory
+
+
 def export_hf(
     load: Union[str, Path],
     hf_dir_out: Union[str, Path],
@@ -96,7 +113,8 @@ def export_hf(
 
     ``dtype``: ``bf16``/``fp32``/``fp16``; default the checkpoint's stored dtype.
     ``tokenizer_dir``: where to copy tokenizer files from; default the HF
-    directory the checkpoint was imported from, if it still exists.
+    directory the checkpoint was imported from (or the trainer's ``--hf-config``
+    directory), if it still holds tokenizer files.
     """
     from megatron_exact.platform.distributed import initialize_model_parallel
 
@@ -108,10 +126,10 @@ def export_hf(
     shard_limit = parse_size(max_shard_size)
     ckpt_dir, iteration = resolve_checkpoint(load)
     arch, padded_vocab, common = read_checkpoint_header(ckpt_dir)
-    if tokenizer_dir is None:
-        source = (common.get("conversion") or {}).get("source")
-        if source and any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
-            tokenizer_dir = source
+    base_config, source_dir = _recorded_hf_source(common)
+    if tokenizer_dir is None and source_dir is not None:
+        if any((source_dir / name).is_file() for name in TOKENIZER_FILES):
+            tokenizer_dir = source_dir
     checkpoint_dtype = stored_dtype(ckpt_dir)
     out_dtype = DTYPES[dtype] if dtype else checkpoint_dtype
 
@@ -157,7 +175,7 @@ def export_hf(
         if len(shards) > 1:
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = hf_config_dict(arch, out_dtype, base=common.get("hf_config"))
+        config = hf_config_dict(arch, out_dtype, base=base_config)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = _generation_config(common.get("hf_generation_config"), config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")

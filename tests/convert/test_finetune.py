@@ -17,16 +17,18 @@ from tests.training.conftest import byte_corpus, launch, training_lines  # noqa:
 SEQ, MBS, GBS = 128, 2, 4
 
 
-def test_step0_loss_equals_transformers(byte_corpus, tmp_path):  # noqa: F811
+def test_step0_loss_equals_transformers_and_trained_checkpoint_exports(byte_corpus, tmp_path):  # noqa: F811
     from transformers import Qwen2Config
 
+    from megatron_exact.convert.exporter import export_hf
     from megatron_exact.convert.importer import import_hf
     from megatron_exact.data.dataset import build_train_valid_test_datasets
+    from megatron_exact.convert.verify import load_hf_model
     from megatron_exact.training.trainer import batch_sha1
 
     config = Qwen2Config(
         vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
     )
     hf_model = build_hf_model(config, seed=5)
     hf_dir = tmp_path / "hf"
@@ -40,6 +42,7 @@ def test_step0_loss_equals_transformers(byte_corpus, tmp_path):  # noqa: F811
         "--train-iters", "1", "--lr", "1e-4", "--eval-iters", "0", "--log-interval", "1",
         "--data-path", byte_corpus, "--split", "90,10,0", "--data-cache-path", str(cache),
         "--loss-weighting", "uniform", "--metrics-file", str(metrics),
+        "--save", str(tmp_path / "trained"), "--save-interval", "1",
     ]
     result = launch(flags, nproc=1)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
@@ -64,3 +67,10 @@ def test_step0_loss_equals_transformers(byte_corpus, tmp_path):  # noqa: F811
     assert first["tokens"] == targets
     assert abs(first["lm_loss"] - ce_sum / targets) <= 1e-5 * (ce_sum / targets), (first["lm_loss"], ce_sum / targets)
     assert abs(first["loss"] - first["lm_loss"]) <= 1e-6 * first["lm_loss"]  # uniform weighting
+
+    # The trainer's own checkpoint (optimizer state and all) exports; logits agree with it (--verify),
+    # the weights moved, and the token ids come from the --hf-config the run recorded.
+    out = export_hf(tmp_path / "trained", tmp_path / "trained_hf", verify=True, verify_tolerance=1e-4)
+    exported = load_hf_model(out)
+    assert exported.config.eos_token_id == 2 and exported.config.bos_token_id == 1
+    assert not torch.equal(exported.model.embed_tokens.weight, hf_model.model.embed_tokens.weight)
