@@ -28,14 +28,19 @@ def initialize_model_parallel(
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
         rank = int(os.environ.get("RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+            init_method = "env://"  # a launcher (torchrun, SLURM script) set the rendezvous
+        else:
+            # A lone process gets a private rendezvous. Not via os.environ: child processes
+            # (a torchrun a test starts) would inherit a port this process still listens on.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.distributed.init_process_group(
             backend=distributed_backend(),
+            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
