@@ -9,6 +9,7 @@ saved, must load into the local spec under dist_checkpointing's default
 strictness.
 """
 
+import importlib.util
 import io
 import json
 from pathlib import Path
@@ -66,12 +67,11 @@ def build_local_model(name, seed):
 
 
 def sharded_keys(model):
-    import sys
-
-    sys.path.insert(0, str(FIXTURES))
-    from derive_te_keys import model_keys
-
-    return model_keys(model)
+    """Key -> global shape, by the same helper the fixture's --from-te-model mode uses."""
+    spec = importlib.util.spec_from_file_location("derive_te_keys", FIXTURES / "derive_te_keys.py")
+    derive_te_keys = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(derive_te_keys)
+    return derive_te_keys.model_keys(model)
 
 
 def test_bridge_parameter_names_are_in_the_fixture():
