@@ -134,7 +134,8 @@ class ExactLoss:
         self.tau = default_tau(seq_length) if config.tau is None else config.tau
         self.n_buckets = num_buckets(seq_length)
         self._group = group
-        self._weights: Optional[torch.Tensor] = None  # [rows, buckets]: one row per micro-batch (scope microbatch) or one (scope step)
+        # [rows, buckets]: one row per micro-batch (scope microbatch) or a single row (scope step).
+        self._weights: Optional[torch.Tensor] = None
 
     # -- per step ----------------------------------------------------------------
     def begin_step(self, microbatches: list) -> None:
@@ -155,7 +156,6 @@ class ExactLoss:
             weights = torch.stack(rows)
         else:
             weights = torch.ones(counts.shape, dtype=torch.float32)
-        # One row per micro-batch for scope "microbatch", a single row for scope "step".
         self._counts = counts  # int64, global over DP x CP
         self._weights = weights  # float32
         self.global_tokens = int(counts.sum())
@@ -166,8 +166,8 @@ class ExactLoss:
         )
         self._num_microbatches = len(microbatches)
         self._calls = 0
-        self._ce_sum = torch.zeros(self.n_buckets, dtype=torch.float64)
-        self._objective_sum = torch.zeros((), dtype=torch.float64)
+        # [CE sum per bucket..., objective numerator], kept on the loss's device (no host sync per micro-batch).
+        self._sums: Optional[torch.Tensor] = None
 
     def loss_func(self, packed, output_tensor: torch.Tensor):
         """Megatron-Core per-token loss: ``(sum w*CE*m [x N/W], int N_local, report)``."""
@@ -193,10 +193,10 @@ class ExactLoss:
         num_tokens = mask.sum().to(torch.int)
 
         ce_detached = masked_ce.detach()
-        self._ce_sum += torch.zeros(self.n_buckets, dtype=torch.float64, device=losses.device).index_add_(
-            0, buckets, ce_detached.double()
-        ).cpu()
-        self._objective_sum += loss.detach().double().cpu()
+        if self._sums is None:
+            self._sums = torch.zeros(self.n_buckets + 1, dtype=torch.float64, device=losses.device)
+        self._sums[: self.n_buckets].index_add_(0, buckets, ce_detached.double())
+        self._sums[self.n_buckets] += loss.detach().double()
         tokens = num_tokens.detach().float().view(1)
         report = {
             "lm loss": torch.cat([ce_detached.sum().view(1), tokens]),
@@ -230,9 +230,9 @@ class ExactLoss:
             "lm_loss": None,
             "objective": None,
         }
-        if self._calls == 0:
+        if self._sums is None:
             return stats
-        sums = self._all_reduce(torch.cat([self._ce_sum, self._objective_sum.view(1)]))
+        sums = self._all_reduce(self._sums)
         ce_sum, objective_sum = sums[:-1], float(sums[-1])
         n = max(self.global_tokens, 1)
         stats["bucket_ce_sum"] = ce_sum.tolist()
@@ -255,8 +255,8 @@ class ExactLoss:
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         group = self._reduction_group()
         if group is None or torch.distributed.get_world_size(group) == 1:
-            return tensor.clone()
+            return tensor.cpu().clone()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        reduced = tensor.to(device)
+        reduced = tensor.to(device, copy=True)  # all_reduce works in place; keep the caller's tensor
         torch.distributed.all_reduce(reduced, group=group)
         return reduced.cpu()

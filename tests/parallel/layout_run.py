@@ -58,6 +58,8 @@ def objectives():
     return {
         "exact": ExactConfig(weighting="exact", tau=TAU),
         "exact-weights": ExactConfig(weighting="exact", tau=TAU, normalization="weights"),
+        # Weights per micro-batch: equal to the reference wherever micro-batch k holds the same samples (TP, PP, CP).
+        "exact-microbatch": ExactConfig(weighting="exact", tau=TAU, scope="microbatch"),
         "uniform": ExactConfig(weighting="uniform", tau=TAU),
     }
 
@@ -186,6 +188,8 @@ def run_step(name: str, layout: tuple, workdir: Path) -> None:
             forward_only=False,
         )
         stats = loss.step_statistics()
+        if loss.step_statistics() != stats:
+            raise AssertionError(f"{name}: step_statistics changed when called again")
         grads_dir = workdir / "grads" / f"{name}-{objective}"
         if torch.distributed.get_rank() == 0:
             grads_dir.mkdir(parents=True, exist_ok=True)

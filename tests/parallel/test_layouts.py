@@ -4,7 +4,9 @@ Real multi-process ``gloo`` runs of ``layout_run.py`` (one reference process,
 then one ``torchrun`` of two processes that goes through every layout). The
 reference is DP=1 with 4 micro-batches; the layouts are DP=2 (2 micro-batches
 each), TP=2, TP=2 with sequence parallelism, PP=2 and CP=2 (4 micro-batches),
-for the EXACT objective (scope step, both normalizations) and the uniform one.
+for the EXACT objective (scope step, both normalizations) and the uniform one;
+and scope microbatch, which must match wherever the micro-batch split is
+kept (TP, PP, CP) and must not with DP=2.
 Documents have random odd lengths, so the CP and SP padding paths run.
 
 This also covers the foundation's acceptance (issue 2): a tiny Qwen2-style
@@ -24,7 +26,8 @@ import pytest
 HARNESS = Path(__file__).with_name("layout_run.py")
 REPO_ROOT = HARNESS.parents[2]
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "cp2")
-OBJECTIVES = ("exact", "exact-weights", "uniform")
+OBJECTIVES = ("exact", "exact-weights", "uniform")  # scope step: must not depend on the layout
+SPLIT_PRESERVING_LAYOUTS = ("tp2", "tp2sp", "pp2", "cp2")
 TOLERANCE = 1e-5
 
 
@@ -70,6 +73,17 @@ def test_reference_batch_has_a_weighted_tail(workdir):
     assert uniform["objective"] == pytest.approx(uniform["lm_loss"], rel=1e-6)
 
 
+def test_microbatch_scope_depends_on_the_split(workdir):
+    # Scope "microbatch" is the ablation whose weights follow the micro-batch split: with DP=2 the
+    # k-th micro-batch pairs samples 2k and 2k+1, unlike the reference; TP/PP/CP keep the split.
+    # (The objective barely moves: every micro-batch's tail gets the same extra mass alpha; where it goes moves.)
+    reference, dp2 = _stats(workdir, "reference-exact-microbatch"), _stats(workdir, "dp2-exact-microbatch")
+    assert dp2["lm_loss"] == pytest.approx(reference["lm_loss"], rel=TOLERANCE)
+    assert max(abs(a - b) for a, b in zip(dp2["bucket_weights"], reference["bucket_weights"])) > 1e-3
+    comparison = json.loads((workdir / "comparison.json").read_text())
+    assert comparison["dp2-exact-microbatch"]["max_relative_grad_diff"] > 1e-3
+
+
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_gives_reference_loss(workdir, layout, objective):
@@ -88,3 +102,12 @@ def test_layout_gives_reference_gradients(workdir, layout, objective):
     result = comparison[f"{layout}-{objective}"]
     assert result["grad_norm"] > 0
     assert result["max_relative_grad_diff"] <= TOLERANCE, result
+
+
+@pytest.mark.parametrize("layout", SPLIT_PRESERVING_LAYOUTS)
+def test_microbatch_scope_is_layout_invariant_for_the_same_split(workdir, layout):
+    reference, stats = _stats(workdir, "reference-exact-microbatch"), _stats(workdir, f"{layout}-exact-microbatch")
+    assert stats["bucket_weights"] == pytest.approx(reference["bucket_weights"], rel=1e-7)
+    assert stats["objective"] == pytest.approx(reference["objective"], rel=TOLERANCE)
+    comparison = json.loads((workdir / "comparison.json").read_text())
+    assert comparison[f"{layout}-exact-microbatch"]["max_relative_grad_diff"] <= TOLERANCE
