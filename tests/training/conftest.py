@@ -28,9 +28,12 @@ def run_env() -> dict:
     return env
 
 
-def torchrun_command(flags: list[str], nproc: int = 2, torchrun_flags: tuple = ()) -> list[str]:
-    return [PYTHON, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-            *torchrun_flags, PRETRAIN, *flags]
+def torchrun_command(flags: list[str], nproc: int = 2, torchrun_flags: tuple = (), rendezvous: bool = False) -> list[str]:
+    """``rendezvous``: the c10d rendezvous (a fresh round per restart, what --max-restarts needs)
+    instead of a static master port."""
+    where = ([f"--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"] if rendezvous
+             else [f"--master-port={free_port()}"])
+    return [PYTHON, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *torchrun_flags, PRETRAIN, *flags]
 
 
 def launch(flags: list[str], nproc: int = 2, timeout: float = 240, torchrun_flags: tuple = ()) -> subprocess.CompletedProcess:
