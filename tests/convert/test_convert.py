@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODELS, build_hf_model, hf_config
+from tests.convert.tiny_hf_models import MODELS, build_hf_model, hf_config
 
 TOL = 1e-4
 

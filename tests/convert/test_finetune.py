@@ -11,7 +11,7 @@ vocabulary (512) needs no padding, so Megatron's softmax sees the same logits.
 import torch
 import torch.nn.functional as F
 
-from conftest import build_hf_model
+from tests.convert.tiny_hf_models import build_hf_model
 from tests.training.conftest import byte_corpus, launch, training_lines  # noqa: F401  (byte_corpus is a fixture)
 
 SEQ, MBS, GBS = 128, 2, 4
