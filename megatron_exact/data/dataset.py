@@ -90,21 +90,31 @@ class ExactGPTDataset(GPTDataset):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._sequence_lengths = self.dataset.sequence_lengths
+        self._plain = None
         S = self.config.sequence_length
-        self._arange = torch.arange(S, dtype=torch.long)
-        self._plain_cu_seqlens = torch.full((S + 1,), S, dtype=torch.int32)
+        self._arange = np.arange(S, dtype=np.int64)
+        self._plain_cu_seqlens = np.full(S + 1, S, dtype=np.int32)
         self._plain_cu_seqlens[0] = 0
+
+    def _plain_indices(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shuffle, sample and document indices as plain ndarray views: indexing a
+        numpy.memmap costs ~10x more per call than the same memory as an ndarray."""
+        if self._plain is None:
+            if self.shuffle_index is None:
+                self._query_document_sample_shuffle_indices(0)  # lazily memory-maps the indices
+            self._plain = tuple(
+                np.asarray(a).view(np.ndarray) for a in (self.shuffle_index, self.sample_index, self.document_index)
+            )
+        return self._plain
 
     def segment_lengths(self, idx: int) -> np.ndarray:
         """Lengths of the document pieces making up sample ``idx`` (``seq_length + 1``
         tokens, padding excluded), in order; from the indices alone."""
-        if self.shuffle_index is None:
-            self._query_document_sample_shuffle_indices(0)  # lazily memory-maps the indices
-        i = self.shuffle_index[idx]
-        beg, beg_offset = (int(v) for v in self.sample_index[i])
-        end, end_offset = (int(v) for v in self.sample_index[i + 1])
-        docs = self.document_index[beg : end + 1]
-        lengths = self._sequence_lengths[docs].astype(np.int64)
+        shuffle_index, sample_index, document_index = self._plain_indices()
+        i = shuffle_index[idx]
+        beg, beg_offset = sample_index[i].tolist()
+        end, end_offset = sample_index[i + 1].tolist()
+        lengths = self._sequence_lengths[document_index[beg : end + 1]].astype(np.int64)
         # The last piece runs to end_offset inclusive (the extra label token), clipped
         # to the document as IndexedDataset.get clips it; the first starts at beg_offset.
         lengths[-1] = min(int(lengths[-1]), end_offset + 1)
@@ -114,47 +124,53 @@ class ExactGPTDataset(GPTDataset):
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
         S = self.config.sequence_length
-        pieces = self.segment_lengths(0 if idx is None else idx)
-        real = int(pieces.sum())  # tokens of the S+1 window that are not padding
-        loss_mask = torch.ones(S, dtype=torch.float32)
+        pieces = self.segment_lengths(0 if idx is None else idx).tolist()
+        real = sum(pieces)  # tokens of the S+1 window that are not padding
+        loss_mask = np.ones(S, dtype=np.float32)
         if real <= S:
             loss_mask[max(real - 1, 0) :] = 0.0  # labels (and inputs) from padding
         if idx is None:
-            loss_mask.zero_()  # Megatron's batch-padding sample
+            loss_mask[:] = 0.0  # Megatron's batch-padding sample
         if not self.config.document_masking:
             sample.update(
-                loss_mask=loss_mask, position_ids=self._arange.clone(), cu_seqlens=self._plain_cu_seqlens.clone()
+                loss_mask=torch.from_numpy(loss_mask),
+                position_ids=torch.from_numpy(self._arange.copy()),
+                cu_seqlens=torch.from_numpy(self._plain_cu_seqlens.copy()),
             )
             return sample
-        starts = np.cumsum(pieces) - pieces  # start of each piece in the S+1 window
-        # A target whose label opens the next piece belongs to another document.
-        label_starts = starts[1:]
-        loss_mask[torch.from_numpy(label_starts[label_starts <= S] - 1)] = 0.0
-        bounds = starts[starts < S]
-        if real < S:
-            bounds = np.append(bounds, real)  # padding forms its own segment
-        cu = np.full(S + 1, S, dtype=np.int32)
-        cu[: bounds.size] = bounds
-        span = np.diff(np.append(bounds, S))
-        position_ids = self._arange - torch.from_numpy(np.repeat(bounds, span))
-        sample.update(loss_mask=loss_mask, position_ids=position_ids, cu_seqlens=torch.from_numpy(cu))
+        # A handful of pieces per sample: a plain loop beats vectorised calls here.
+        position_ids = np.empty(S, dtype=np.int64)
+        cu_seqlens = np.full(S + 1, S, dtype=np.int32)
+        start = 0
+        for k, length in enumerate(pieces + ([S + 1 - real] if real < S else [])):
+            if start >= S:
+                break
+            end = min(start + length, S)
+            position_ids[start:end] = self._arange[: end - start]
+            cu_seqlens[k] = start
+            if start + length <= S:
+                loss_mask[start + length - 1] = 0.0  # its label opens the next document
+            start += length
+        sample.update(
+            loss_mask=torch.from_numpy(loss_mask),
+            position_ids=torch.from_numpy(position_ids),
+            cu_seqlens=torch.from_numpy(cu_seqlens),
+        )
         return sample
 
 
 def all_segment_lengths(dataset: ExactGPTDataset, sample_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Vectorised ``segment_lengths`` over many samples: ``(lengths, sample_of_piece)``
     (pieces in sample order; zero-length pieces dropped)."""
-    if dataset.shuffle_index is None:
-        dataset._query_document_sample_shuffle_indices(0)
-    shuffled = np.asarray(dataset.shuffle_index)[sample_ids]
-    sample_index = np.asarray(dataset.sample_index)
+    shuffle_index, sample_index, document_index = dataset._plain_indices()
+    shuffled = shuffle_index[sample_ids]
     beg, beg_offset = sample_index[shuffled, 0].astype(np.int64), sample_index[shuffled, 1].astype(np.int64)
     end, end_offset = sample_index[shuffled + 1, 0].astype(np.int64), sample_index[shuffled + 1, 1].astype(np.int64)
     count = end - beg + 1
     owner = np.repeat(np.arange(len(sample_ids)), count)
     first = np.cumsum(count) - count
     within = np.arange(int(count.sum())) - np.repeat(first, count)
-    docs = np.asarray(dataset.document_index)[np.repeat(beg, count) + within]
+    docs = document_index[np.repeat(beg, count) + within]
     lengths = dataset.dataset.sequence_lengths[docs].astype(np.int64)
     last = first + count - 1
     lengths[last] = np.minimum(lengths[last], end_offset + 1)

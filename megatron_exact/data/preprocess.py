@@ -189,6 +189,7 @@ class _Worker:
         cls.encoder = BatchEncoder(tokenizer, config.tokenizer_type)
         cls.eod = int(tokenizer.eod)
         cls.config = config
+        cls.splitter = None  # state from an earlier in-process run must not leak
         if config.split_sentences:
             from nltk.tokenize.punkt import PunktSentenceTokenizer
 
