@@ -63,6 +63,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--samples", type=int, default=300, help="samples timed per dataset (fast paths)")
+    parser.add_argument("--rounds", type=int, default=9, help="alternating timing rounds (best kept)")
     parser.add_argument("--mask-samples", type=int, default=3, help="samples timed on Megatron's S x S mask path")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -83,7 +84,7 @@ def main():
                 seconds_per_sample(dataset, ids[:20], rounds=1)
             # Alternate rounds so both see the same machine load; keep each one's best.
             t_base = t_ours = float("inf")
-            for _ in range(5):
+            for _ in range(args.rounds):
                 t_base = min(t_base, seconds_per_sample(base, ids, rounds=1))
                 t_ours = min(t_ours, seconds_per_sample(ours, ids, rounds=1))
             t_mcore = seconds_per_sample(mcore, ids[: args.mask_samples], rounds=1)

@@ -107,24 +107,24 @@ class ExactGPTDataset(GPTDataset):
             )
         return self._plain
 
-    def segment_lengths(self, idx: int) -> np.ndarray:
+    def segment_lengths(self, idx: int) -> List[int]:
         """Lengths of the document pieces making up sample ``idx`` (``seq_length + 1``
         tokens, padding excluded), in order; from the indices alone."""
         shuffle_index, sample_index, document_index = self._plain_indices()
-        i = shuffle_index[idx]
+        i = int(shuffle_index[idx])
         beg, beg_offset = sample_index[i].tolist()
         end, end_offset = sample_index[i + 1].tolist()
-        lengths = self._sequence_lengths[document_index[beg : end + 1]].astype(np.int64)
+        lengths = self._sequence_lengths[document_index[beg : end + 1]].tolist()
         # The last piece runs to end_offset inclusive (the extra label token), clipped
         # to the document as IndexedDataset.get clips it; the first starts at beg_offset.
-        lengths[-1] = min(int(lengths[-1]), end_offset + 1)
+        lengths[-1] = min(lengths[-1], end_offset + 1)
         lengths[0] -= beg_offset
-        return lengths[lengths > 0]
+        return [length for length in lengths if length > 0]
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
         sample = super().__getitem__(idx)
         S = self.config.sequence_length
-        pieces = self.segment_lengths(0 if idx is None else idx).tolist()
+        pieces = self.segment_lengths(0 if idx is None else idx)
         real = sum(pieces)  # tokens of the S+1 window that are not padding
         loss_mask = np.ones(S, dtype=np.float32)
         if real <= S:
