@@ -39,6 +39,10 @@ from megatron_exact.training.checkpoint_io import (
 )
 
 CHECKPOINT_VERSION = 3.0
+# The distributed optimizer's state in a layout-independent form (gathered per parameter on
+# save), so a checkpoint reloads under other TP/PP/DP sizes; Megatron-Core's former default
+# ("fully_sharded_model_space") is no longer loadable.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 @dataclasses.dataclass
@@ -103,7 +107,7 @@ def save_checkpoint(
         model_state = model.sharded_state_dict()
         state = {
             "model": model_state,
-            "optimizer": optimizer.sharded_state_dict(model_state),
+            "optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
             "opt_param_scheduler": scheduler.state_dict(),
             "rng_state": _rng_state_object(),
             "iteration": iteration,
@@ -189,7 +193,7 @@ def load_checkpoint(
     request = {"model": model_state}
     if not weights_only:
         if load_optimizer:
-            request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+            request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
         saved_layout = (common.get("args") or {}).get("layout", {})
         this_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                        "pp": parallel_state.get_pipeline_model_parallel_world_size()}
