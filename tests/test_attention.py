@@ -11,9 +11,6 @@ tests/test_attention.py --worker OUT``); the ranks' outputs and gradients are
 put back into document order and compared with the same reference.
 """
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ if str(REPO) not in sys.path:  # the worker runs as a script
     sys.path.insert(0, str(REPO))
 
 from megatron_exact.model.packing import batch_from_documents, pack_batch  # noqa: E402
+from tests.launch import run_checked, torchrun_command  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 TOL = 1e-5
@@ -159,20 +157,8 @@ def test_unpacked_sbhd_input_is_plain_causal_attention(single_process_group):
         assert (out[:, sample].reshape(s, HEADS, HEAD_DIM).double() - ref).abs().max() <= TOL
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_context_parallel_two_ranks_match_dense_reference(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}", __file__, "--worker", str(tmp_path),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_checked(torchrun_command(__file__, "--worker", tmp_path), timeout=240)
 
     for case, lengths in CASES.items():
         ranks = [torch.load(tmp_path / f"{case}_rank{r}.pt") for r in range(2)]

@@ -10,9 +10,6 @@ HF weights bit for bit. This file is its own worker:
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,14 +19,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the worker runs as a script
     sys.path.insert(0, str(REPO))
 
+from tests.launch import run_checked, torchrun_command  # noqa: E402
+
 TOL = 1e-4
 DOCUMENT_LENGTHS = [13, 1, 40, 7]
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2)}  # (TP, PP); one launch runs both, to pay the start-up once
@@ -51,13 +44,7 @@ def test_load_at_tp2_and_pp2_then_export_bit_exact(hf_models, imported, tmp_path
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"layouts": LAYOUTS, "models": models, "out": str(tmp_path)}))
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}", __file__, "--worker", str(spec),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_checked(torchrun_command(__file__, "--worker", spec), timeout=400)
 
     for layout in LAYOUTS:
         diffs = json.loads((tmp_path / f"logit_diffs_{layout}.json").read_text())

@@ -15,44 +15,25 @@ PP=1/2 and CP=1/2.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.launch import run_checked, torchrun_command
+
 HARNESS = Path(__file__).with_name("layout_run.py")
-REPO_ROOT = HARNESS.parents[2]
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "cp2")
 OBJECTIVES = ("exact", "exact-weights", "uniform")  # scope step: must not depend on the layout
 SPLIT_PRESERVING_LAYOUTS = ("tp2", "tp2sp", "pp2", "cp2")
 TOLERANCE = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(command, timeout):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        pytest.fail(f"{' '.join(map(str, command))} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}")
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("layouts")
-    _run([sys.executable, HARNESS, "reference", "--workdir", directory], timeout=300)
-    _run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
-         HARNESS, "layouts", "--workdir", directory, "--layouts", *LAYOUTS],
-        timeout=600,
-    )
+    run_checked([sys.executable, HARNESS, "reference", "--workdir", directory], timeout=300)
+    run_checked(torchrun_command(HARNESS, "layouts", "--workdir", directory, "--layouts", *LAYOUTS), timeout=600)
     return directory
 
 
