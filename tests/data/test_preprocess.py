@@ -4,7 +4,6 @@ import glob
 import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 
