@@ -29,6 +29,7 @@ pair_args() {
         --tensor-model-parallel-size "$tp"
         --context-parallel-size "$cp"
         "${sequence_parallel[@]}"
+        --use-distributed-optimizer
         --bf16
         --seq-length "$seq"
         --micro-batch-size 1

@@ -27,6 +27,8 @@ import torch
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer import distrib_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_exact.model.config import ModelArch
 from megatron_exact.training.checkpoint_io import (
@@ -39,10 +41,11 @@ from megatron_exact.training.checkpoint_io import (
 )
 
 CHECKPOINT_VERSION = 3.0
-# The distributed optimizer's state in a layout-independent form (gathered per parameter on
-# save), so a checkpoint reloads under other TP/PP/DP sizes; Megatron-Core's former default
-# ("fully_sharded_model_space") is no longer loadable.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# Megatron-LM's sharded-state-dict "content metadata", stored in the checkpoint and read
+# back on load. The distributed optimizer's state is saved in a layout-independent form
+# (gathered per parameter), so a checkpoint reloads under other TP/PP/DP sizes;
+# Megatron-Core's former default ("fully_sharded_model_space") can no longer be written.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 @dataclasses.dataclass
@@ -117,7 +120,7 @@ def save_checkpoint(
             "checkpoint_version": CHECKPOINT_VERSION,
             "args": args_record,
         }
-        dist_checkpointing.save(state, str(tmp))
+        dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
         torch.distributed.barrier()
     except BaseException as err:
         if _rank0():
@@ -165,6 +168,63 @@ def _check_model_matches(directory: Path, common: dict, arch: ModelArch, padded_
         )
 
 
+# Megatron-Core 0.16.1 writes DistributedOptimizer's checkpoint code for Transformer Engine's or
+# Apex's FusedAdam, which keep Adam's step count in the param groups. Without either (on CPU) the
+# inner optimizer is torch.optim.Adam, which keeps a 0-dim "step" tensor per parameter, created at
+# its first step. The two helpers below fill the three gaps on that path; with FusedAdam they
+# step aside and Megatron-Core's code runs unchanged.
+
+
+def _torch_adam_distributed_optimizers(optimizer) -> list:
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    return [inner for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(inner, DistributedOptimizer)]
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer the state a checkpoint is loaded into.
+
+    ``DistributedOptimizer.state_dict()`` (called by ``sharded_state_dict(is_loading=True)``)
+    reads torch Adam's per-parameter ``step``, which does not exist before the first step.
+    Megatron-Core's own remedy (used for its ``fsdp_dtensor`` format) is one step on zero
+    gradients; everything it touches (weights, moments, step) is overwritten by the load.
+    """
+    for inner in _torch_adam_distributed_optimizers(optimizer):
+        if not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, for a distributed optimizer over torch Adam too.
+
+    There ``DistributedOptimizer.load_state_dict`` first puts one shared step tensor into
+    every parameter's state (torch then increments it once per parameter per step, which
+    corrupts Adam's bias correction), then copies the parameter state with every key of
+    the optimizer state as the destination, "step" included, which the checkpoint's
+    per-parameter state does not carry (KeyError 'step'). So the parameter state is loaded
+    with the steps set aside, and every parameter gets its own copy of the step back.
+    """
+    inners = _torch_adam_distributed_optimizers(optimizer)
+    if not inners:
+        optimizer.load_state_dict(state)
+        return
+    if len(inners) != len(getattr(optimizer, "chained_optimizers", [optimizer])):
+        raise NotImplementedError("a chain mixing distributed and other optimizers is not supported here")
+    states = [state] if len(inners) == 1 else [state[key] for key in sorted(state)]
+    for inner, inner_state in zip(inners, states):
+        param_state = inner_state.pop("param_state")
+        sharding_type = inner_state.pop("param_state_sharding_type")
+        if sharding_type != "fully_reshardable":
+            raise ValueError(f"distributed optimizer state saved as {sharding_type!r}: this trainer loads only "
+                             f"'fully_reshardable' (what it saves)")
+        inner.load_state_dict(inner_state)  # param groups (hyper-parameters, step), grad scaler
+        steps = {param: param_state_dict.pop("step") for param, param_state_dict in inner.optimizer.state.items()}
+        inner.load_parameter_state_from_fully_reshardable(param_state)  # main weights, moments
+        for param, step in steps.items():
+            inner.optimizer.state[param]["step"] = step.clone()
+
+
 def load_checkpoint(
     load: str,
     model,
@@ -188,12 +248,16 @@ def load_checkpoint(
     directory, iteration = found
     common = dist_checkpointing.load_common_state_dict(str(directory))
     _check_model_matches(directory, common, arch, padded_vocab_size)
+    # Build the request with the metadata the checkpoint was saved with (Megatron-LM's way);
+    # checkpoints from before it was recorded used OPTIMIZER_METADATA.
+    metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or OPTIMIZER_METADATA
     weights_only = finetune or iteration == RELEASE
     model_state = model.sharded_state_dict()
     request = {"model": model_state}
     if not weights_only:
         if load_optimizer:
-            request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+            _allocate_optimizer_state(optimizer)
+            request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
         saved_layout = (common.get("args") or {}).get("layout", {})
         this_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                        "pp": parallel_state.get_pipeline_model_parallel_world_size()}
@@ -205,7 +269,7 @@ def load_checkpoint(
     if weights_only:
         return LoadedState(iteration=0, consumed_train_samples=0, directory=directory)
     if "optimizer" in loaded:
-        optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])

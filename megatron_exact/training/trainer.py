@@ -154,12 +154,19 @@ class Trainer:
         args, arch = self.args, self.arch
         tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
         self.pad_multiple = pad_multiple(args.context_parallel_size, tp, args.sequence_parallel)
-        recompute = {}
+        overrides = {}
         if args.recompute_granularity == "full":
-            recompute = dict(recompute_granularity="full", recompute_method=args.recompute_method,
+            overrides = dict(recompute_granularity="full", recompute_method=args.recompute_method,
                              recompute_num_layers=args.recompute_num_layers)
         elif args.recompute_granularity == "selective":
-            recompute = dict(recompute_granularity="selective")
+            overrides = dict(recompute_granularity="selective")
+        # Per-document padding (CP/SP) makes packed lengths vary between micro-batches:
+        # the pipeline then sends tensor shapes ahead of the tensors.
+        variable_seq_lengths = pp > 1 and self.pad_multiple > 1
+        if variable_seq_lengths:
+            # Megatron-Core refuses variable lengths with its default MoE token dispatcher
+            # ("allgather") even for dense models like ours, where no dispatcher runs.
+            overrides["moe_token_dispatcher_type"] = "alltoall"
         self.config = transformer_config(
             arch,
             tensor_model_parallel_size=tp,
@@ -167,10 +174,8 @@ class Trainer:
             context_parallel_size=args.context_parallel_size,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
-            # Per-document padding (CP/SP) makes packed lengths vary between micro-batches:
-            # the pipeline then sends tensor shapes ahead of the tensors.
-            variable_seq_lengths=pp > 1 and self.pad_multiple > 1,
-            **recompute,
+            variable_seq_lengths=variable_seq_lengths,
+            **overrides,
         )
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, args.make_vocab_size_divisible_by, tp)
         model = build_gpt_model(

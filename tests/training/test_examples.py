@@ -45,6 +45,7 @@ def test_paired_runs_parse_and_differ_only_in_loss_weighting(script, pair):
     differing = {k for k in vars(args_u) if getattr(args_u, k) != getattr(args_e, k)}
     assert differing <= {"loss_weighting", "save", "metrics_file", "tensorboard_dir"}, differing
     assert args_u.finetune and args_u.load  # CPT starts from the converted HF checkpoint
+    assert args_u.use_distributed_optimizer  # its checkpoints reload: tests/training/test_runs.py
     arch = resolve_arch(args_u)
     assert args_u.seq_length == int(pair.split("-")[-1][:-1]) * 1024
     tp = args_u.tensor_model_parallel_size

@@ -1,8 +1,9 @@
-"""Real multi-process (gloo) runs of the trainer on a tiny model: learning, DP consistency, exact resume,
-resharded reload, interrupted checkpoints, NaN policy."""
+"""Real multi-process (gloo) runs of the trainer on a tiny model: learning, DP consistency, exact resume
+(plain and distributed optimizer), reload under other TP/PP/CP layouts, interrupted checkpoints, NaN policy."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -13,6 +14,7 @@ from megatron_exact.training.checkpoint_io import read_tracker, write_tracker_at
 from tests.training.conftest import launch, read_metrics, tiny_flags, training_lines
 
 ITERS = 6
+RESUME_AT = 3
 
 
 def _check(result):
@@ -20,39 +22,61 @@ def _check(result):
     return result
 
 
-@pytest.fixture(scope="module")
-def straight(byte_corpus, tmp_path_factory):
-    """6 iterations in one go, DP=2, weights compared across replicas after every step."""
-    root = tmp_path_factory.mktemp("straight")
-    metrics = root / "metrics.jsonl"
-    result = _check(launch(tiny_flags(byte_corpus, "--train-iters", str(ITERS), "--eval-interval", "3",
-                                      "--metrics-file", str(metrics),
-                                      "--check-weight-hash-across-dp-replicas-interval", "1")))
-    return result, read_metrics(metrics)
+def _flags(byte_corpus, *extra):
+    """6 iterations, stopped by --exit-interval before --train-iters 7 (so the exit path runs too)."""
+    return tiny_flags(byte_corpus, "--train-iters", str(ITERS + 1), "--exit-interval", str(ITERS),
+                      "--eval-interval", "3", *extra)
+
+
+@dataclasses.dataclass
+class Runs:
+    straight_stdout: str
+    straight: list[dict]  # metrics records of the uninterrupted run
+    resumed_stdout: str
+    resumed: list[dict]  # metrics records after resuming from the iteration-3 checkpoint
+    checkpoints: Path
+
+
+def _straight_then_resumed(byte_corpus, root: Path, *extra) -> Runs:
+    """DP=2: 6 iterations in one go, checkpoints at 3 and 6, replica weights compared after every step
+    (the reference); then the same command resumed from the iteration-3 checkpoint, as after a crash
+    there (tracker at 3; the metrics lines past 3 are dropped on resume)."""
+    ckpt, straight_metrics, resumed_metrics = root / "ckpt", root / "straight.jsonl", root / "resumed.jsonl"
+    flags = _flags(byte_corpus, "--save", str(ckpt), "--load", str(ckpt), "--save-interval", str(RESUME_AT),
+                   "--check-weight-hash-across-dp-replicas-interval", "1", *extra)
+    straight = _check(launch(flags + ["--metrics-file", str(straight_metrics)]))
+    assert read_tracker(ckpt) == ITERS
+    write_tracker_atomically(ckpt, RESUME_AT)
+    shutil.copy(straight_metrics, resumed_metrics)
+    resumed = _check(launch(flags + ["--metrics-file", str(resumed_metrics)]))
+    return Runs(straight.stdout, read_metrics(straight_metrics), resumed.stdout, read_metrics(resumed_metrics), ckpt)
 
 
 @pytest.fixture(scope="module")
-def resumed(byte_corpus, tmp_path_factory):
-    """The same run stopped after 3 iterations (checkpoint), then resumed to 6."""
-    root = tmp_path_factory.mktemp("resumed")
-    metrics, ckpt = root / "metrics.jsonl", root / "ckpt"
-    flags = tiny_flags(byte_corpus, "--train-iters", str(ITERS), "--eval-interval", "3", "--metrics-file",
-                       str(metrics), "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "3")
-    first = _check(launch(flags + ["--exit-interval", "3"]))
-    assert read_tracker(ckpt) == 3 and max(r["iteration"] for r in read_metrics(metrics)) == 3
-    second = _check(launch(flags))
-    return first, second, read_metrics(metrics), ckpt
+def plain_optimizer_runs(byte_corpus, tmp_path_factory) -> Runs:
+    return _straight_then_resumed(byte_corpus, tmp_path_factory.mktemp("plain"))
 
 
-def test_loss_decreases_and_dp_replicas_stay_identical(straight):
-    result, records = straight
+@pytest.fixture(scope="module")
+def distributed_optimizer_runs(byte_corpus, tmp_path_factory) -> Runs:
+    return _straight_then_resumed(byte_corpus, tmp_path_factory.mktemp("distopt"), "--use-distributed-optimizer")
+
+
+OPTIMIZERS = ["plain_optimizer_runs", "distributed_optimizer_runs"]
+
+
+@pytest.mark.parametrize("runs_fixture", OPTIMIZERS)
+def test_loss_decreases_and_dp_replicas_stay_identical(runs_fixture, request):
+    runs = request.getfixturevalue(runs_fixture)
+    records, stdout = runs.straight, runs.straight_stdout
     train = [r for r in records if r.get("split") is None]
     assert [r["iteration"] for r in train] == list(range(1, ITERS + 1))
+    assert f"--exit-interval {ITERS}: exiting at iteration {ITERS}" in stdout
     assert train[-1]["lm_loss"] < train[0]["lm_loss"] - 0.5, [r["lm_loss"] for r in train]
     valid = [r for r in records if r.get("split") == "valid"]
     assert [r["iteration"] for r in valid] == [3, 6] and valid[1]["lm_loss"] < valid[0]["lm_loss"]
     for line in range(1, ITERS + 1):
-        assert f"iteration {line}: weights identical across 2 data-parallel replica(s)" in result.stdout
+        assert f"iteration {line}: weights identical across 2 data-parallel replica(s)" in stdout
     # The schema other tools rely on.
     first = train[0]
     assert {"iteration", "loss", "lm_loss", "lr", "grad_norm", "tokens", "batch_sha1", "exact"} <= set(first)
@@ -63,54 +87,80 @@ def test_loss_decreases_and_dp_replicas_stay_identical(straight):
     ce_total = sum(c * m for c, m in zip(exact["bucket_tokens"], exact["bucket_ce_mean"]) if c)
     assert ce_total / first["tokens"] == pytest.approx(first["lm_loss"], rel=1e-9)
     assert max(exact["bucket_weights"]) > 1.0  # EXACT up-weighted the tail
-    assert "tail share" in result.stdout and "tokens/s" in result.stdout
+    assert "tail share" in stdout and "tokens/s" in stdout
 
 
-def test_resume_is_exact(straight, resumed):
-    _, reference = straight
-    first, second, records, _ = resumed
-    assert "loaded" in second.stdout and "iter_0000003" in second.stdout
-    ref_train = {r["iteration"]: r for r in reference if r.get("split") is None}
-    got_train = [r for r in records if r.get("split") is None]
+@pytest.mark.parametrize("runs_fixture", OPTIMIZERS)
+def test_resume_is_exact(runs_fixture, request):
+    """3 + save + load + 3 iterations give bit-identical losses, learning rates and gradient norms
+    (Adam's moments and step count, the LR schedule, RNG and data position all restored)."""
+    runs = request.getfixturevalue(runs_fixture)
+    assert f"loaded {runs.checkpoints / 'iter_0000003'}" in runs.resumed_stdout
+    ref_train = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
+    got_train = [r for r in runs.resumed if r.get("split") is None]
     assert [r["iteration"] for r in got_train] == list(range(1, ITERS + 1))
     for r in got_train:
         expected = ref_train[r["iteration"]]
         assert r["batch_sha1"] == expected["batch_sha1"]
         assert r["loss"] == expected["loss"] and r["lm_loss"] == expected["lm_loss"], r["iteration"]
-        assert r["lr"] == expected["lr"] and r["grad_norm"] == expected["grad_norm"]
-    ref_valid = [r["lm_loss"] for r in reference if r.get("split") == "valid"]
-    assert [r["lm_loss"] for r in records if r.get("split") == "valid"] == ref_valid
+        assert r["lr"] == expected["lr"] and r["grad_norm"] == expected["grad_norm"], r["iteration"]
+    ref_valid = [r["lm_loss"] for r in runs.straight if r.get("split") == "valid"]
+    assert [r["lm_loss"] for r in runs.resumed if r.get("split") == "valid"] == ref_valid
 
 
-def test_interrupted_save_is_ignored_and_reload_under_tp2(straight, resumed, byte_corpus, tmp_path):
-    """A save of iteration 6 cut short (temporary directory with shards missing, tracker still at 3)
-    is ignored; the run resumes from iteration 3 with TP=2 instead of DP=2 and matches the reference."""
-    _, reference = straight
-    _, _, _, ckpt = resumed
-    work = tmp_path / "ckpt"
-    shutil.copytree(ckpt, work)
-    interrupted = work / ".iter_0000006.crashed.tmp"
-    os.replace(work / "iter_0000006", interrupted)
-    for shard in sorted(interrupted.glob("*.distcp"))[:1]:
-        shard.unlink()
-    (interrupted / "metadata.json").unlink(missing_ok=True)
-    write_tracker_atomically(work, 3)
-    metrics = tmp_path / "metrics.jsonl"
-    shutil.copy(ckpt.parent / "metrics.jsonl", metrics)
+def _reload_from_iteration_3(runs: Runs, work: Path) -> tuple[Path, Path]:
+    """A copy of the runs' checkpoints with the tracker at 3, and of the reference metrics up to 6."""
+    shutil.copytree(runs.checkpoints, work / "ckpt")
+    write_tracker_atomically(work / "ckpt", RESUME_AT)
+    metrics = work / "metrics.jsonl"
+    shutil.copy(runs.checkpoints.parent / "straight.jsonl", metrics)
+    return work / "ckpt", metrics
 
-    result = _check(launch(tiny_flags(byte_corpus, "--train-iters", str(ITERS), "--eval-interval", "3",
-                                      "--metrics-file", str(metrics), "--save", str(work), "--load", str(work),
-                                      "--tensor-model-parallel-size", "2")))
-    assert "iter_0000003" in result.stdout and "DP=1 TP=2" in result.stdout
-    assert not interrupted.exists()  # cleaned up
-    assert read_tracker(work) == ITERS
-    ref = {r["iteration"]: r for r in reference if r.get("split") is None}
+
+def _assert_matches_reference(metrics: Path, runs: Runs) -> None:
+    ref = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
     got = training_lines(metrics)
     assert [r["iteration"] for r in got] == list(range(1, ITERS + 1))
-    for r in got[3:]:
+    for r in got[RESUME_AT:]:
         assert r["batch_sha1"] == ref[r["iteration"]]["batch_sha1"]
         assert r["loss"] == pytest.approx(ref[r["iteration"]]["loss"], rel=1e-5)
         assert r["lm_loss"] == pytest.approx(ref[r["iteration"]]["lm_loss"], rel=1e-5)
+    ref_valid = [r["lm_loss"] for r in runs.straight if r.get("split") == "valid"]
+    got_valid = [r["lm_loss"] for r in read_metrics(metrics) if r.get("split") == "valid"]
+    assert got_valid == pytest.approx(ref_valid, rel=1e-5)
+
+
+def test_interrupted_save_is_ignored_and_reload_under_tp2(distributed_optimizer_runs, byte_corpus, tmp_path):
+    """A save of iteration 6 cut short (temporary directory with shards missing, tracker still at 3)
+    is ignored; the run resumes from iteration 3 with TP=2 instead of DP=2 (the distributed
+    optimizer's state resharded) and matches the reference."""
+    runs = distributed_optimizer_runs
+    ckpt, metrics = _reload_from_iteration_3(runs, tmp_path)
+    interrupted = ckpt / ".iter_0000006.crashed.tmp"
+    os.replace(ckpt / "iter_0000006", interrupted)
+    for shard in sorted(interrupted.glob("*.distcp"))[:1]:
+        shard.unlink()
+    (interrupted / "metadata.json").unlink(missing_ok=True)
+
+    result = _check(launch(_flags(byte_corpus, "--metrics-file", str(metrics), "--save", str(ckpt),
+                                  "--load", str(ckpt), "--use-distributed-optimizer",
+                                  "--tensor-model-parallel-size", "2")))
+    assert "iter_0000003" in result.stdout and "DP=1 TP=2" in result.stdout
+    assert not interrupted.exists()  # cleaned up
+    assert read_tracker(ckpt) == ITERS
+    _assert_matches_reference(metrics, runs)
+
+
+def test_reload_under_pipeline_and_context_parallel(plain_optimizer_runs, byte_corpus, tmp_path):
+    """The DP=2 run's iteration-3 checkpoint resumed with PP=2 x CP=2 (4 ranks): the pipeline
+    schedule over 4 micro-batches, with documents split across the CP ranks, continues the
+    training and validation losses of the DP=2 run."""
+    runs = plain_optimizer_runs
+    ckpt, metrics = _reload_from_iteration_3(runs, tmp_path)
+    result = _check(launch(_flags(byte_corpus, "--metrics-file", str(metrics), "--load", str(ckpt),
+                                  "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"), nproc=4))
+    assert "iter_0000003" in result.stdout and "DP=1 TP=1 PP=2 CP=2" in result.stdout
+    _assert_matches_reference(metrics, runs)
 
 
 def test_nan_loss_stops_the_run_with_a_message(byte_corpus, tmp_path):
