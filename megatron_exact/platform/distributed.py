@@ -19,6 +19,9 @@ def initialize_model_parallel(
 ) -> None:
     """Start ``torch.distributed`` from torchrun's environment and build Megatron's groups.
 
+    After torchrun restarted the workers (``--max-restarts``), the process group
+    rendezvouses in a key namespace of that restart's own.
+
     Works without a launcher too (a single process, world size 1): what
     one-process tools such as checkpoint conversion need. Seeds the
     tensor-parallel RNG tracker the way Megatron-LM does.
@@ -28,23 +31,9 @@ def initialize_model_parallel(
     from megatron.core import parallel_state, tensor_parallel
 
     if not torch.distributed.is_initialized():
-        rank = int(os.environ.get("RANK", 0))
-        world_size = int(os.environ.get("WORLD_SIZE", 1))
-        if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-            init_method = "env://"  # a launcher (torchrun, SLURM script) set the rendezvous
-        else:
-            # A lone process gets a private rendezvous. Not via os.environ: child processes
-            # (a torchrun a test starts) would inherit a port this process still listens on.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(
-            backend=distributed_backend(),
-            init_method=init_method,
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        _init_process_group(datetime.timedelta(minutes=timeout_minutes))
     world_size = torch.distributed.get_world_size()
     model_parallel = tensor_model_parallel_size * pipeline_model_parallel_size * context_parallel_size
     if world_size % model_parallel:
@@ -60,6 +49,33 @@ def initialize_model_parallel(
         context_parallel_size=context_parallel_size,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _init_process_group(timeout: datetime.timedelta) -> None:
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        # A lone process gets a private rendezvous. Not via os.environ: child processes
+        # (a torchrun a test starts) would inherit a port this process still listens on.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        torch.distributed.init_process_group(backend=distributed_backend(), init_method=init_method,
+                                             rank=rank, world_size=world_size, timeout=timeout)
+        return
+    # A launcher (torchrun, SLURM script) set the rendezvous.
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart == 0:
+        torch.distributed.init_process_group(backend=distributed_backend(), init_method="env://",
+                                             rank=rank, world_size=world_size, timeout=timeout)
+        return
+    # torchrun keeps one TCPStore across worker restarts (--max-restarts): without a
+    # namespace of its own, the new generation reads the previous one's gloo peer
+    # addresses from it and fails to connect.
+    store, rank, world_size = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world_size,
+                                                                timeout=timeout))
+    torch.distributed.init_process_group(
+        backend=distributed_backend(), store=torch.distributed.PrefixStore(f"restart_{restart}", store),
+        rank=rank, world_size=world_size, timeout=timeout,
+    )
 
 
 def destroy_model_parallel() -> None:

@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import os
 import random
 import signal
 import time
@@ -85,32 +84,10 @@ def batch_sha1(samples: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def init_process_group_for_restarts() -> None:
-    """Start torch.distributed in a key namespace of its own when torchrun restarted the workers.
-
-    torchrun keeps one TCPStore across worker restarts (``--max-restarts``); without
-    a namespace the new generation reads the previous one's gloo peer addresses and
-    fails to connect. (Fresh launches take the plain path in initialize_model_parallel.)
-    """
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if restart == 0 or torch.distributed.is_initialized():
-        return
-    from megatron_exact.platform import distributed_backend
-
-    store, rank, world_size = next(torch.distributed.rendezvous("env://"))
-    torch.distributed.init_process_group(
-        backend=distributed_backend(), store=torch.distributed.PrefixStore(f"restart_{restart}", store),
-        rank=rank, world_size=world_size,
-    )
-
-
 class Trainer:
     def __init__(self, args: argparse.Namespace, arch: ModelArch, layout: RunLayout, tokenizer_record: dict):
         self.args, self.arch, self.layout = args, arch, layout
         tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        init_process_group_for_restarts()
         initialize_model_parallel(tp, pp, cp, seed=args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
