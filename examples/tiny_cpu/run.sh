@@ -39,6 +39,10 @@ rm -rf "$OUT" && mkdir -p "$OUT/data"
 "$PYTHON" "$HERE/make_corpus.py" --output "$OUT/data/corpus.jsonl" --documents 600
 "$PYTHON" "$REPO/tools/preprocess_data.py" --input "$OUT/data/corpus.jsonl" --output-prefix "$OUT/data/corpus" \
     --tokenizer-type ByteTokenizer --append-eod --workers 1
+# Where the supervision of this data falls by effective context (table + histogram PNG).
+PYTHONWARNINGS=ignore "$PYTHON" "$REPO/tools/effective_context_stats.py" --data-path "$OUT/data/corpus_text_document" \
+    --seq-length 256 --json "$OUT/effective_context.json" --plot "$OUT/effective_context.png"
 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore "$PYTHON" -m torch.distributed.run --nproc-per-node 2 --standalone \
     "$REPO/tools/pretrain_exact.py" "${TRAIN_ARGS[@]}"
-echo "metrics: $OUT/metrics.jsonl   tensorboard: tensorboard --logdir $OUT/tensorboard"
+echo "metrics: $OUT/metrics.jsonl   effective-context histogram: $OUT/effective_context.png"
+echo "tensorboard: tensorboard --logdir $OUT/tensorboard"
