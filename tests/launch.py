@@ -18,8 +18,8 @@ def free_port() -> int:
 
 
 def run_env() -> dict:
-    """One thread per rank (2 cores), the repo importable, output unbuffered."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """One thread per rank (2 cores), the repo importable, output unbuffered, no warning noise."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

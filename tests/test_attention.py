@@ -103,19 +103,6 @@ def run_attention(module, q, k, v, grad_out, packed_seq_params):
     return out.detach().reshape(q.shape), [t.grad for t in leaves]
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-
-    from megatron_exact.platform.distributed import destroy_model_parallel, initialize_model_parallel
-
-    started_here = not dist.is_initialized()
-    initialize_model_parallel(1, 1, 1)
-    yield
-    if started_here:
-        destroy_model_parallel()
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_packed_documents_match_dense_reference(single_process_group, case):
     lengths = CASES[case]

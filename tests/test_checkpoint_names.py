@@ -41,19 +41,6 @@ def fixture_keys(name):
     return {key: shape for key, shape in json.loads((FIXTURES / f"te_spec_sharded_keys_{name}.json").read_text())}
 
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    import torch.distributed as dist
-
-    from megatron_exact.platform.distributed import destroy_model_parallel, initialize_model_parallel
-
-    started_here = not dist.is_initialized()
-    initialize_model_parallel(1, 1, 1)
-    yield
-    if started_here:
-        destroy_model_parallel()
-
-
 def build_local_model(name, seed):
     from megatron.core import tensor_parallel
 

@@ -3,42 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import REPO, run, run_env  # noqa: F401  (run_env: re-exported for the trainer tests)
+from tests.launch import torchrun_command as _torchrun_command
+
 PYTHON = sys.executable
-PRETRAIN = str(REPO / "tools" / "pretrain_exact.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+PRETRAIN = REPO / "tools" / "pretrain_exact.py"
 
 
 def torchrun_command(flags: list[str], nproc: int = 2, torchrun_flags: tuple = (), rendezvous: bool = False) -> list[str]:
-    """``rendezvous``: the c10d rendezvous (a fresh round per restart, what --max-restarts needs)
-    instead of a static master port."""
-    where = ([f"--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"] if rendezvous
-             else [f"--master-port={free_port()}"])
-    return [PYTHON, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *torchrun_flags, PRETRAIN, *flags]
+    """torchrun of the trainer with ``flags``."""
+    return _torchrun_command(PRETRAIN, *flags, nproc=nproc, torchrun_flags=torchrun_flags, rendezvous=rendezvous)
 
 
 def launch(flags: list[str], nproc: int = 2, timeout: float = 240, torchrun_flags: tuple = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_command(flags, nproc, torchrun_flags), cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run(torchrun_command(flags, nproc, torchrun_flags), timeout)
 
 
 def read_metrics(path) -> list[dict]:
