@@ -97,65 +97,88 @@ class ExactGPTDataset(GPTDataset):
         self._plain_cu_seqlens[0] = 0
 
     def _plain_indices(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Shuffle, sample and document indices as plain ndarray views: indexing a
-        numpy.memmap costs ~10x more per call than the same memory as an ndarray."""
+        """Shuffle, sample and document indices as plain ndarray views. Indexing a
+        numpy.memmap (how Megatron-Core loads cached indices) costs several times more
+        per call than the same memory as an ndarray, so Megatron's own per-sample query
+        is given the views too."""
         if self._plain is None:
             if self.shuffle_index is None:
                 self._query_document_sample_shuffle_indices(0)  # lazily memory-maps the indices
             self._plain = tuple(
                 np.asarray(a).view(np.ndarray) for a in (self.shuffle_index, self.sample_index, self.document_index)
             )
+            self.shuffle_index, self.sample_index, self.document_index = self._plain
         return self._plain
 
-    def segment_lengths(self, idx: int) -> List[int]:
-        """Lengths of the document pieces making up sample ``idx`` (``seq_length + 1``
-        tokens, padding excluded), in order; from the indices alone."""
-        shuffle_index, sample_index, document_index = self._plain_indices()
-        i = int(shuffle_index[idx])
-        beg, beg_offset = sample_index[i].tolist()
-        end, end_offset = sample_index[i + 1].tolist()
-        lengths = self._sequence_lengths[document_index[beg : end + 1]].tolist()
+    def _piece_lengths(self, idx: int) -> List[int]:
+        """Lengths of the document pieces making up the ``seq_length + 1`` tokens of
+        sample ``idx`` (padding excluded), in order, from the indices alone; may hold
+        zero-length pieces (empty documents)."""
+        shuffle_index, sample_index, document_index = self._plain or self._plain_indices()
+        # ndarray.item gives Python ints without creating array or numpy-scalar objects:
+        # on this per-sample path the number of numpy calls, not the bytes, sets the cost.
+        i = shuffle_index.item(idx)
+        beg, beg_offset = sample_index.item(i, 0), sample_index.item(i, 1)
+        end, end_offset = sample_index.item(i + 1, 0), sample_index.item(i + 1, 1)
+        if end - beg < 32:
+            length_of, document = self._sequence_lengths.item, document_index.item
+            lengths = [length_of(document(j)) for j in range(beg, end + 1)]
+        else:  # many short documents: one vectorised gather
+            lengths = self._sequence_lengths[document_index[beg : end + 1]].tolist()
         # The last piece runs to end_offset inclusive (the extra label token), clipped
         # to the document as IndexedDataset.get clips it; the first starts at beg_offset.
         lengths[-1] = min(lengths[-1], end_offset + 1)
         lengths[0] -= beg_offset
-        return [length for length in lengths if length > 0]
+        return lengths
+
+    def segment_lengths(self, idx: int) -> List[int]:
+        """Lengths of the non-empty document pieces making up sample ``idx``."""
+        return [length for length in self._piece_lengths(idx) if length > 0]
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
+        # Per-sample cost is dominated by the number of numpy calls, not by bytes: a
+        # handful of pieces per sample, so a plain loop over Python ints with one slice
+        # write per piece, and Megatron's own fresh loss_mask is overwritten in place
+        # rather than replaced.
         sample = super().__getitem__(idx)
         S = self.config.sequence_length
-        pieces = self.segment_lengths(0 if idx is None else idx)
+        pieces = self._piece_lengths(0 if idx is None else idx)
         real = sum(pieces)  # tokens of the S+1 window that are not padding
-        loss_mask = np.ones(S, dtype=np.float32)
+        # Megatron's per-sample loss_mask, edited in place: already 0 where the label is
+        # its pad id (padding, and any real token equal to that id, which Megatron
+        # rewrites to 0 and so must not be supervised). Only the first call hands out
+        # Megatron's cached mask itself, which must stay untouched.
+        loss_mask = sample["loss_mask"]
+        if loss_mask is self.cached_loss_mask:
+            loss_mask = sample["loss_mask"] = loss_mask.clone()
+        loss_mask = loss_mask.numpy()
+        arange = self._arange
+        cu_seqlens = self._plain_cu_seqlens.copy()
+        if not self.config.document_masking:
+            position_ids = arange.copy()
+        else:
+            position_ids = np.empty(S, dtype=np.int64)
+            start = 0
+            k = 0
+            for length in pieces:
+                if length <= 0:
+                    continue
+                if start:
+                    loss_mask[start - 1] = 0.0  # its label opens this document
+                    if start >= S:
+                        break
+                    k += 1
+                    cu_seqlens[k] = start
+                position_ids[start : start + length] = arange[: min(length, S - start)]
+                start += length
+            if real < S:  # Megatron padded the window: the padding is one more segment
+                position_ids[real:] = arange[: S - real]
+                if real:
+                    cu_seqlens[k + 1] = real
         if real <= S:
             loss_mask[max(real - 1, 0) :] = 0.0  # labels (and inputs) from padding
-        if idx is None:
-            loss_mask[:] = 0.0  # Megatron's batch-padding sample
-        if not self.config.document_masking:
-            sample.update(
-                loss_mask=torch.from_numpy(loss_mask),
-                position_ids=torch.from_numpy(self._arange.copy()),
-                cu_seqlens=torch.from_numpy(self._plain_cu_seqlens.copy()),
-            )
-            return sample
-        # A handful of pieces per sample: a plain loop beats vectorised calls here.
-        position_ids = np.empty(S, dtype=np.int64)
-        cu_seqlens = np.full(S + 1, S, dtype=np.int32)
-        start = 0
-        for k, length in enumerate(pieces + ([S + 1 - real] if real < S else [])):
-            if start >= S:
-                break
-            end = min(start + length, S)
-            position_ids[start:end] = self._arange[: end - start]
-            cu_seqlens[k] = start
-            if start + length <= S:
-                loss_mask[start + length - 1] = 0.0  # its label opens the next document
-            start += length
-        sample.update(
-            loss_mask=torch.from_numpy(loss_mask),
-            position_ids=torch.from_numpy(position_ids),
-            cu_seqlens=torch.from_numpy(cu_seqlens),
-        )
+        sample["position_ids"] = torch.from_numpy(position_ids)
+        sample["cu_seqlens"] = torch.from_numpy(cu_seqlens)
         return sample
 
 
