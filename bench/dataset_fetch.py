@@ -1,13 +1,22 @@
 """Per-sample fetch cost: ExactGPTDataset vs Megatron-Core's GPTDataset, at 4K and 16K.
 
-Three datasets over the same generated corpus (documents of mean 2,000 tokens,
-each ending with EOD) and the same indices:
-- ``GPTDataset`` without masks (no reset flags, create_attention_mask=False): the baseline;
+Datasets over the same generated corpus (documents of mean 2,000 tokens, each ending
+with EOD) and the same indices:
+- ``GPTDataset`` without masks (no reset flags, create_attention_mask=False, so its
+  loss_mask/position_ids come from its cache): the baseline;
 - ``ExactGPTDataset`` with document masking (boundaries, positions, loss mask);
 - ``GPTDataset`` with Megatron-Core's own document masking (reset_position_ids,
   reset_attention_mask, eod_mask_loss, create_attention_mask): S x S mask per sample.
 
-    python bench/dataset_fetch.py [--seq-lengths 4096 16384]
+Two index modes: ``fresh`` (the process that builds the indices holds them as ndarrays)
+and ``cached`` (every later run and every other rank loads them from the cache as
+numpy.memmap; ExactGPTDataset hands Megatron's query plain ndarray views of them, so
+there a third row, GPTDataset given the same views, separates that gain from the
+boundary cost). Rounds alternate between the datasets in random order so all see the
+same machine load; the overhead is the per-round ratio, median and quartiles, in
+process CPU time and in wall time.
+
+    python bench/dataset_fetch.py [--seq-lengths 4096 16384] [--rounds 15]
 """
 
 import argparse
@@ -48,50 +57,83 @@ def build(cls, config_cls, prefix, seq_length, num_samples, tokenizer, cache, **
     return BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True, config).build()[0]
 
 
-def seconds_per_sample(dataset, ids, rounds=3):
-    """Best per-sample CPU time (process time: robust to other jobs on a shared machine)."""
-    best = float("inf")
+def seconds_per_sample(dataset, ids):
+    """(CPU seconds, wall seconds) per sample over ``ids``."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for i in ids:
+        dataset[int(i)]
+    return (time.process_time() - cpu) / len(ids), (time.perf_counter() - wall) / len(ids)
+
+
+def give_plain_views(dataset):
+    """Megatron's cached indices as plain ndarray views (what ExactGPTDataset does)."""
+    for name in ("shuffle_index", "sample_index", "document_index"):
+        setattr(dataset, name, np.asarray(getattr(dataset, name)).view(np.ndarray))
+    return dataset
+
+
+def time_interleaved(datasets, ids, rounds, rng):
+    """Per-round (cpu, wall) seconds per sample for each dataset, rounds in random order."""
+    times = {name: [] for name in datasets}
+    for name, dataset in datasets.items():  # warm the page cache and the lazily loaded indices
+        seconds_per_sample(dataset, ids[:20])
     for _ in range(rounds):
-        start = time.process_time()
-        for i in ids:
-            dataset[int(i)]
-        best = min(best, (time.process_time() - start) / len(ids))
-    return best
+        for name in rng.permutation(list(datasets)):
+            times[name].append(seconds_per_sample(datasets[name], ids))
+    return {name: np.array(t) for name, t in times.items()}
+
+
+def quartiles(values):
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return f"{median:+7.1%} [{q1:+.1%}, {q3:+.1%}]"
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-lengths", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--samples", type=int, default=300, help="samples timed per dataset (fast paths)")
-    parser.add_argument("--rounds", type=int, default=9, help="alternating timing rounds (best kept)")
+    parser.add_argument("--samples", type=int, default=300, help="samples timed per dataset and round (at most)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     parser.add_argument("--mask-samples", type=int, default=3, help="samples timed on Megatron's S x S mask path")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = build_tokenizer("ByteTokenizer")
     plain = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
     masked = dict(reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True, create_attention_mask=True)
+    rng = np.random.default_rng(0)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (1 min), {os.cpu_count()} CPUs")
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "corpus")
         make_corpus(prefix, 4 * 2**20, tokenizer.eod)
-        print(f"{'S':>6} {'GPTDataset':>12} {'ours':>10} {'overhead':>9} | {'Mcore masks':>12} {'mask MiB':>9}")
+        cache = os.path.join(tmp, "cache")
+        print(f"{'S':>6} {'indices':>7} {'dataset':>22} {'CPU/sample':>11} {'CPU overhead [quartiles]':>28} "
+              f"{'wall overhead [quartiles]':>28}")
         for S in args.seq_lengths:
             n = min(args.samples, (4 * 2**20) // (S + 1) - 1)
-            base = build(GPTDataset, GPTDatasetConfig, prefix, S, n, tokenizer, os.path.join(tmp, "c"), **plain)
-            ours = build(ExactGPTDataset, ExactGPTDatasetConfig, prefix, S, n, tokenizer, os.path.join(tmp, "c"), **plain)
-            mcore = build(GPTDataset, GPTDatasetConfig, prefix, S, n, tokenizer, os.path.join(tmp, "c"), **masked)
-            ids = np.random.default_rng(0).permutation(n)
-            for dataset in (base, ours):  # warm the page cache and the lazily loaded indices
-                seconds_per_sample(dataset, ids[:20], rounds=1)
-            # Alternate rounds so both see the same machine load; keep each one's best.
-            t_base = t_ours = float("inf")
-            for _ in range(args.rounds):
-                t_base = min(t_base, seconds_per_sample(base, ids, rounds=1))
-                t_ours = min(t_ours, seconds_per_sample(ours, ids, rounds=1))
-            t_mcore = seconds_per_sample(mcore, ids[: args.mask_samples], rounds=1)
+            ids = rng.permutation(n)
+
+            def build_both():
+                return {"GPTDataset": build(GPTDataset, GPTDatasetConfig, prefix, S, n, tokenizer, cache, **plain),
+                        "ExactGPTDataset": build(ExactGPTDataset, ExactGPTDatasetConfig, prefix, S, n, tokenizer,
+                                                 cache, **plain)}
+
+            modes = {"fresh": build_both()}  # builds and caches the indices
+            modes["cached"] = build_both()  # loads them back as numpy.memmap
+            assert type(modes["cached"]["GPTDataset"].shuffle_index) is np.memmap
+            modes["cached"]["GPTDataset + views"] = give_plain_views(
+                build(GPTDataset, GPTDatasetConfig, prefix, S, n, tokenizer, cache, **plain))
+            for mode, datasets in modes.items():
+                times = time_interleaved(datasets, ids, args.rounds, rng)
+                base_cpu, base_wall = times["GPTDataset"][:, 0], times["GPTDataset"][:, 1]
+                for name, t in times.items():
+                    overheads = "" if name == "GPTDataset" else (
+                        f"{quartiles(t[:, 0] / base_cpu - 1):>28} {quartiles(t[:, 1] / base_wall - 1):>28}")
+                    print(f"{S:>6} {mode:>7} {name:>22} {np.median(t[:, 0]) * 1e3:>9.3f}ms {overheads}")
+            mcore = build(GPTDataset, GPTDatasetConfig, prefix, S, n, tokenizer, cache, **masked)
+            t_mcore, _ = seconds_per_sample(mcore, ids[: args.mask_samples])
             mask = mcore[int(ids[0])]["attention_mask"]
-            mask_mib = mask.numel() * mask.element_size() / 2**20
-            print(f"{S:>6} {t_base * 1e3:>10.3f}ms {t_ours * 1e3:>8.3f}ms {t_ours / t_base - 1:>+8.1%} | "
-                  f"{t_mcore * 1e3:>10.1f}ms {mask_mib:>9.0f}")
+            print(f"{S:>6} Megatron-Core document masking (reset_attention_mask): {t_mcore * 1e3:.1f} ms CPU per "
+                  f"sample, S x S mask of {mask.numel() * mask.element_size() / 2**20:.0f} MiB per sample")
+    print(f"load average at end: {os.getloadavg()[0]:.1f} (1 min)")
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ contract of shared/DESIGN.md), ``S = seq_length``:
   document continued from the previous sample restarts too: under document masking
   its earlier part is invisible);
 - ``loss_mask [S] float32``: 0 where the label is in another document than the input
-  token, and for padding;
+  token, and for padding (and, being Megatron-Core's own mask edited in place, where
+  the label is the tokenizer's pad id, which Megatron-Core rewrites to 0);
 - ``cu_seqlens [S+1] int32``: document starts, then ``S``, padded with ``S``.
 
 With ``document_masking=False`` it is what Megatron-LM does without
 ``--reset-position-ids/--reset-attention-mask/--eod-mask-loss``: positions
-``0..S-1``, ``cu_seqlens = [0, S, S, ...]``, loss 1 on every real token. No
-``S x S`` mask is built in either mode.
+``0..S-1``, ``cu_seqlens = [0, S, S, ...]``, Megatron-Core's loss_mask (1 on every
+real token). No ``S x S`` mask is built in either mode.
 
 Public API::
 
@@ -136,10 +137,10 @@ class ExactGPTDataset(GPTDataset):
         return [length for length in self._piece_lengths(idx) if length > 0]
 
     def __getitem__(self, idx: Optional[int]) -> Dict[str, torch.Tensor]:
-        # Per-sample cost is dominated by the number of numpy calls, not by bytes: a
-        # handful of pieces per sample, so a plain loop over Python ints with one slice
-        # write per piece, and Megatron's own fresh loss_mask is overwritten in place
-        # rather than replaced.
+        # Per-sample cost is dominated by the number of numpy/torch calls, not by bytes
+        # (bench/dataset_fetch.py): a handful of pieces per sample, so a plain loop over
+        # Python ints with one slice write per piece, two new arrays, and Megatron's own
+        # per-sample loss_mask edited in place rather than replaced.
         sample = super().__getitem__(idx)
         S = self.config.sequence_length
         pieces = self._piece_lengths(0 if idx is None else idx)
