@@ -19,14 +19,16 @@ import torch
 from tqdm import tqdm
 
 from megatron_exact.convert.hf_mapping import expected_hf_shapes, hf_to_megatron, param_mappings
-from megatron_exact.convert.megatron_checkpoint import (
-    build_model_for_checkpoint,
-    model_checkpoint_state,
-    validate_parallel_layout,
-)
+from megatron_exact.convert.megatron_checkpoint import build_model_for_checkpoint, validate_parallel_layout
 from megatron_exact.convert.safetensors_stream import SafetensorsReader
 from megatron_exact.model.config import UnsupportedModelError, arch_from_hf_config
-from megatron_exact.training.checkpoint_io import RELEASE, atomic_directory, checkpoint_dir, write_tracker_atomically
+from megatron_exact.training.checkpoint_io import (
+    RELEASE,
+    atomic_directory,
+    checkpoint_dir,
+    model_checkpoint_state,
+    write_tracker_atomically,
+)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"

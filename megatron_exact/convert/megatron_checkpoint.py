@@ -1,7 +1,8 @@
-"""Reading and writing the model part of a ``torch_dist`` checkpoint (the trainer's format).
+"""Building and filling models from the model part of a ``torch_dist`` checkpoint.
 
 A checkpoint holds ``{"model": model.sharded_state_dict(), "model_arch": ...,
-"padded_vocab_size": ..., "iteration": ..., "checkpoint_version": 3.0}`` (the
+"padded_vocab_size": ..., "iteration": ..., "checkpoint_version": 3.0}``
+(:func:`megatron_exact.training.checkpoint_io.model_checkpoint_state`; the
 trainer adds its optimizer/scheduler/RNG state). Tensor global shapes do not
 depend on the parallel layout, so a checkpoint written at one TP/PP loads at
 any other; only the padded vocabulary must match, which is why models are built
@@ -10,43 +11,13 @@ from the checkpoint's ``padded_vocab_size`` rather than recomputed from flags.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Union
 
 import torch
 
-from megatron_exact.model.config import ModelArch, RopeScaling
-
-CHECKPOINT_VERSION = 3.0
-
-
-def arch_to_dict(arch: ModelArch) -> dict:
-    return dataclasses.asdict(arch)
-
-
-def arch_from_dict(fields: dict) -> ModelArch:
-    fields = dict(fields)
-    if fields.get("rope_scaling") is not None:
-        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    return ModelArch(**fields)
-
-
-def model_checkpoint_state(model, arch: ModelArch, padded_vocab_size: int, iteration: int = 0, **extra) -> dict:
-    """The model part of the checkpoint contract, ready for ``dist_checkpointing.save``.
-
-    Every rank of a TP/PP layout passes its own stage; the trainer adds its
-    optimizer, scheduler and RNG entries to the returned dict.
-    """
-    return {
-        "model": model.sharded_state_dict(),
-        "model_arch": arch_to_dict(arch),
-        "padded_vocab_size": padded_vocab_size,
-        "iteration": iteration,
-        "checkpoint_version": CHECKPOINT_VERSION,
-        **extra,
-    }
-
+from megatron_exact.model.config import ModelArch
+from megatron_exact.training.checkpoint_io import arch_from_dict
 
 def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
     """Refuse a TP/PP layout the model cannot be split into, naming the flag and the sizes."""

@@ -7,17 +7,26 @@ The tracker is rewritten only after a checkpoint is complete, via a temporary
 file and a rename, so a reader never sees a half-written checkpoint as the
 latest. Directories are written under a temporary name in the same parent and
 renamed into place for the same reason.
+
+What a checkpoint holds besides the sharded tensors is one contract too:
+:func:`model_checkpoint_state` builds the model part (weights, architecture,
+padded vocabulary size, iteration, version); the trainer adds its optimizer,
+scheduler, RNG and data-position entries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator, Union
 
+from megatron_exact.model.config import ModelArch, RopeScaling
+
+CHECKPOINT_VERSION = 3.0
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 
@@ -121,3 +130,30 @@ def atomic_directory(final: Union[str, Path], *, overwrite: bool = False) -> Ite
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def arch_to_dict(arch: ModelArch) -> dict:
+    return dataclasses.asdict(arch)
+
+
+def arch_from_dict(fields: dict) -> ModelArch:
+    fields = dict(fields)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
+    return ModelArch(**fields)
+
+
+def model_checkpoint_state(model, arch: ModelArch, padded_vocab_size: int, iteration: int = 0, **extra) -> dict:
+    """The model part of a checkpoint, ready for ``dist_checkpointing.save``.
+
+    Every rank of a TP/PP layout passes its own stage; ``extra`` adds entries
+    (the trainer's optimizer, scheduler, RNG state, ...).
+    """
+    return {
+        "model": model.sharded_state_dict(),
+        "model_arch": arch_to_dict(arch),
+        "padded_vocab_size": padded_vocab_size,
+        "iteration": iteration,
+        "checkpoint_version": CHECKPOINT_VERSION,
+        **extra,
+    }

@@ -33,14 +33,15 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_exact.model.config import ModelArch
 from megatron_exact.training.checkpoint_io import (
     RELEASE,
+    arch_to_dict,
     atomic_directory,
     checkpoint_dir,
+    model_checkpoint_state,
     read_tracker,
     resolve_checkpoint,
     write_tracker_atomically,
 )
 
-CHECKPOINT_VERSION = 3.0
 # Megatron-LM's sharded-state-dict "content metadata", stored in the checkpoint and read
 # back on load. The distributed optimizer's state is saved in a layout-independent form
 # (gathered per parameter), so a checkpoint reloads under other TP/PP/DP sizes;
@@ -107,19 +108,14 @@ def save_checkpoint(
     torch.distributed.broadcast_object_list(holder, src=0)
     tmp = Path(holder[0])
     try:
-        model_state = model.sharded_state_dict()
-        state = {
-            "model": model_state,
-            "optimizer": optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA),
-            "opt_param_scheduler": scheduler.state_dict(),
-            "rng_state": _rng_state_object(),
-            "iteration": iteration,
-            "data_position": {"consumed_train_samples": consumed_train_samples},
-            "model_arch": dataclasses.asdict(arch),
-            "padded_vocab_size": padded_vocab_size,
-            "checkpoint_version": CHECKPOINT_VERSION,
-            "args": args_record,
-        }
+        state = model_checkpoint_state(
+            model, arch, padded_vocab_size, iteration,
+            opt_param_scheduler=scheduler.state_dict(),
+            rng_state=_rng_state_object(),
+            data_position={"consumed_train_samples": consumed_train_samples},
+            args=args_record,
+        )
+        state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
         torch.distributed.barrier()
     except BaseException as err:
@@ -155,8 +151,8 @@ def checkpoint_to_resume(load: Optional[str]) -> Optional[tuple[Path, object]]:
 
 def _check_model_matches(directory: Path, common: dict, arch: ModelArch, padded_vocab_size: int) -> None:
     saved = common.get("model_arch")
-    if saved is not None and saved != dataclasses.asdict(arch):
-        diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(arch).items() if saved.get(k) != v}
+    if saved is not None and saved != arch_to_dict(arch):
+        diffs = {k: (saved.get(k), v) for k, v in arch_to_dict(arch).items() if saved.get(k) != v}
         raise ValueError(f"--load {directory}: checkpoint architecture differs from this run's "
                          f"(field: (checkpoint, run)): {diffs}")
     saved_padded = common.get("padded_vocab_size")

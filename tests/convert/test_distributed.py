@@ -71,13 +71,12 @@ def _run_layout(layout, tp, pp, spec):
     from megatron_exact.convert.megatron_checkpoint import (
         build_model_for_checkpoint,
         load_model_weights,
-        model_checkpoint_state,
         read_checkpoint_header,
     )
     from megatron_exact.convert.verify import megatron_logits
     from megatron_exact.model.packing import batch_from_documents, pack_batch
     from megatron_exact.platform.distributed import initialize_model_parallel
-    from megatron_exact.training.checkpoint_io import checkpoint_dir, write_tracker_atomically
+    from megatron_exact.training.checkpoint_io import checkpoint_dir, model_checkpoint_state, write_tracker_atomically
 
     initialize_model_parallel(tp, pp, 1)
     rank = torch.distributed.get_rank()
