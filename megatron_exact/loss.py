@@ -253,10 +253,18 @@ class ExactLoss:
         return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        group = self._reduction_group()
-        if group is None or torch.distributed.get_world_size(group) == 1:
-            return tensor.cpu().clone()
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        reduced = tensor.to(device, copy=True)  # all_reduce works in place; keep the caller's tensor
-        torch.distributed.all_reduce(reduced, group=group)
-        return reduced.cpu()
+        return sum_over_group(tensor, self._reduction_group())
+
+
+def sum_over_group(tensor: torch.Tensor, group) -> torch.Tensor:
+    """A CPU copy of ``tensor`` summed over ``group`` (``None`` or one rank: just the copy).
+
+    The collective runs on the backend's device (the GPU under NCCL); the caller's
+    tensor is left untouched.
+    """
+    if group is None or torch.distributed.get_world_size(group) == 1:
+        return tensor.cpu().clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    reduced = tensor.to(device, copy=True)
+    torch.distributed.all_reduce(reduced, group=group)
+    return reduced.cpu()

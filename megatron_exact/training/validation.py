@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megatron_exact.exact import bucket_index, bucket_lower_edges, num_buckets
+from megatron_exact.loss import sum_over_group
 
 
 class BucketedCrossEntropy:
@@ -36,11 +37,7 @@ class BucketedCrossEntropy:
         local = torch.zeros(2 * self.n_buckets, dtype=torch.float64)
         for report in reports:
             local += report["valid"].cpu()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-            reduced = local.to(device)
-            torch.distributed.all_reduce(reduced, group=group)
-            local = reduced.cpu()
+        local = sum_over_group(local, group if torch.distributed.is_initialized() else None)
         ce_sum, counts = local[: self.n_buckets], local[self.n_buckets:]
         tokens = int(counts.sum())
         return {
