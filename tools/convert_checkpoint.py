@@ -46,41 +46,40 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def _main(argv=None):
     args = parse_args(argv)
-    from megatron_exact.convert.verify import VerificationError
-    from megatron_exact.model.config import UnsupportedModelError
+    if args.command == "import-hf":
+        from megatron_exact.convert.importer import import_hf
 
-    try:
-        if args.command == "import-hf":
-            from megatron_exact.convert.importer import import_hf
+        result = import_hf(
+            args.hf_dir,
+            args.save,
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+            verify=args.verify,
+            verify_tolerance=args.verify_tolerance,
+        )
+    else:
+        from megatron_exact.convert.exporter import export_hf
 
-            result = import_hf(
-                args.hf_dir,
-                args.save,
-                tensor_model_parallel_size=args.tensor_model_parallel_size,
-                pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                verify=args.verify,
-                verify_tolerance=args.verify_tolerance,
-            )
-        else:
-            from megatron_exact.convert.exporter import export_hf
-
-            result = export_hf(
-                args.load,
-                args.hf_dir_out,
-                tokenizer_dir=args.tokenizer_dir,
-                dtype=args.dtype,
-                max_shard_size=args.max_shard_size,
-                verify=args.verify,
-                verify_tolerance=args.verify_tolerance,
-            )
-    except (UnsupportedModelError, VerificationError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"convert_checkpoint.py {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        result = export_hf(
+            args.load,
+            args.hf_dir_out,
+            tokenizer_dir=args.tokenizer_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            verify=args.verify,
+            verify_tolerance=args.verify_tolerance,
+        )
     print(f"{args.command}: done -> {result}")
     return 0
+
+
+def main(argv=None):
+    from megatron_exact import cli
+
+    return cli.run("convert_checkpoint.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -33,27 +33,23 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def _main(argv=None):
     args = get_args(argv)
     from megatron_exact.data.dataset import build_train_valid_test_datasets, parse_data_path
     from megatron_exact.data.stats import effective_context_stats, format_table, plot, write_json
     from megatron_exact.data.tokenizers import build_tokenizer
+    from megatron_exact.errors import UserError
 
-    try:
-        _, weights = parse_data_path(args.data_path)
-        if weights is not None and args.num_samples is None:
-            raise ValueError("--num-samples is required with a weighted --data-path blend")
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_type else None
-        train, _, _ = build_train_valid_test_datasets(
-            args.data_path, args.split, args.seq_length, args.seed, (args.num_samples, 0, 0),
-            document_masking=not args.no_document_masking, cache_path=args.data_cache_path, tokenizer=tokenizer,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    _, weights = parse_data_path(args.data_path)
+    if weights is not None and args.num_samples is None:
+        raise UserError("--num-samples is required with a weighted --data-path blend")
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_type else None
+    train, _, _ = build_train_valid_test_datasets(
+        args.data_path, args.split, args.seq_length, args.seed, (args.num_samples, 0, 0),
+        document_masking=not args.no_document_masking, cache_path=args.data_cache_path, tokenizer=tokenizer,
+    )
     if train is None:
-        print(f"error: --split {args.split} leaves no training samples", file=sys.stderr)
-        return 1
+        raise UserError(f"--split {args.split} leaves no training samples")
     total = len(train) if args.num_samples is None else min(args.num_samples, len(train))
 
     def progress(done):
@@ -68,6 +64,12 @@ def main(argv=None):
     if args.plot:
         plot(stats, args.plot)
     return 0
+
+
+def main(argv=None):
+    from megatron_exact import cli
+
+    return cli.run("effective_context_stats.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_exact import cli  # noqa: E402
 from megatron_exact.data.preprocess import BadInputError, PreprocessConfig, preprocess  # noqa: E402
 from megatron_exact.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
@@ -50,7 +51,7 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def _main(argv=None):
     args = get_args(argv)
     config = PreprocessConfig(
         input=args.input,
@@ -68,13 +69,14 @@ def main(argv=None):
     )
     try:
         preprocess(config)
-    except (BadInputError, ValueError, FileNotFoundError) as err:
-        message = f"error: {err}"
-        if isinstance(err, BadInputError):
-            message += " (fix the line, or pass --skip-bad-lines to count and skip such lines)"
-        print(message, file=sys.stderr)
-        return 1
+    except BadInputError as err:
+        raise BadInputError(f"{err} (fix the line, or pass --skip-bad-lines to count and skip such lines)",
+                            err.kind) from None
     return 0
+
+
+def main(argv=None):
+    return cli.run("preprocess_data.py", _main, argv)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ from typing import Sequence, Union
 
 import torch
 
+from megatron_exact.errors import UserError
+
 DEFAULT_DOCUMENT_LENGTHS = (37, 21)
 
 
-class VerificationError(RuntimeError):
+class VerificationError(UserError, RuntimeError):
     """Megatron and HF logits differ by more than the tolerance."""
 
 

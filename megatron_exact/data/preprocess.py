@@ -34,6 +34,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from megatron_exact.errors import UserError
 from megatron_exact.data.tokenizers import BatchEncoder, build_tokenizer, tokenizer_description, write_tokenizer_sidecar
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
@@ -43,7 +44,7 @@ _LINES_PER_CHUNK = 256
 _PUNKT_TRAIN_CHARS = 4_000_000
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """A malformed input line; ``kind`` is its category (for skip counts)."""
 
     def __init__(self, message: str, kind: str = ""):

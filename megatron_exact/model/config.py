@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from megatron_exact.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -95,7 +97,7 @@ PRESETS: dict[str, ModelArch] = {
 _SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """The HF config describes something this project does not implement."""
 
 
