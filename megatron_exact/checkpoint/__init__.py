@@ -1,4 +1,6 @@
-"""Megatron-LM's checkpoint directory layout, shared by the trainer and the converter.
+"""The checkpoint contract shared by the trainer and the converter (neither owns it).
+
+Layout: Megatron-LM's checkpoint directories.
 
 ``{save}/iter_{iteration:07d}/`` holds a trainer checkpoint, ``{save}/release/``
 a converted HF import; ``{save}/latest_checkpointed_iteration.txt`` (the
@@ -16,14 +18,11 @@ scheduler, RNG and data-position entries.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Optional, Union
 
+from megatron_exact import atomic_io
 from megatron_exact.model.config import ModelArch, RopeScaling
 
 CHECKPOINT_VERSION = 3.0
@@ -68,17 +67,17 @@ def write_tracker_atomically(save: Union[str, Path], iteration: Iteration) -> No
     checkpoint_dir(save, iteration)  # validates the value
     save = Path(save)
     save.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=save, prefix=f".{TRACKER_FILENAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tracker_path(save))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_io.write_text(tracker_path(save), f"{iteration}\n")
+
+
+def find_checkpoint(load: Union[str, Path]) -> Optional[tuple[Path, Iteration]]:
+    """The complete checkpoint ``load`` holds (the tracker's choice, or ``load`` itself if it is
+    a checkpoint directory), or None when there is none yet. The one answer to "is there a
+    checkpoint here"."""
+    load = Path(load)
+    if read_tracker(load) is None and not (load / "metadata.json").is_file():
+        return None
+    return resolve_checkpoint(load)
 
 
 def resolve_checkpoint(load: Union[str, Path], iteration: Iteration | None = None) -> tuple[Path, Iteration]:
@@ -99,37 +98,6 @@ def resolve_checkpoint(load: Union[str, Path], iteration: Iteration | None = Non
     if not path.is_dir():
         raise FileNotFoundError(f"--load {load}: tracker names {iteration!r} but {path} does not exist")
     return path, iteration
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Union[str, Path], *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary directory next to ``final``; rename it to ``final`` on success.
-
-    On an exception the temporary directory is removed and ``final`` is left as
-    it was. With ``overwrite`` an existing ``final`` is replaced (it is moved
-    aside first, then deleted once the new one is in place).
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; remove it or choose another path")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    # mkdtemp makes the directory private (0700); give it the permissions a plain mkdir would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old.{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def arch_to_dict(arch: ModelArch) -> dict:

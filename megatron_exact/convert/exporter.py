@@ -26,7 +26,8 @@ from megatron_exact.convert.megatron_checkpoint import (
     stored_dtype,
 )
 from megatron_exact.convert.safetensors_stream import SafetensorsWriter
-from megatron_exact.training.checkpoint_io import atomic_directory, resolve_checkpoint
+from megatron_exact.atomic_io import atomic_directory
+from megatron_exact.checkpoint import resolve_checkpoint
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30

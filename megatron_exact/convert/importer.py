@@ -22,9 +22,9 @@ from megatron_exact.convert.hf_mapping import expected_hf_shapes, hf_to_megatron
 from megatron_exact.convert.megatron_checkpoint import build_model_for_checkpoint, validate_parallel_layout
 from megatron_exact.convert.safetensors_stream import SafetensorsReader
 from megatron_exact.model.config import UnsupportedModelError, arch_from_hf_config
-from megatron_exact.training.checkpoint_io import (
+from megatron_exact.atomic_io import atomic_directory
+from megatron_exact.checkpoint import (
     RELEASE,
-    atomic_directory,
     checkpoint_dir,
     model_checkpoint_state,
     write_tracker_atomically,

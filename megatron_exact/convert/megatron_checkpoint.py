@@ -2,7 +2,7 @@
 
 A checkpoint holds ``{"model": model.sharded_state_dict(), "model_arch": ...,
 "padded_vocab_size": ..., "iteration": ..., "checkpoint_version": 3.0}``
-(:func:`megatron_exact.training.checkpoint_io.model_checkpoint_state`; the
+(:func:`megatron_exact.checkpoint.model_checkpoint_state`; the
 trainer adds its optimizer/scheduler/RNG state). Tensor global shapes do not
 depend on the parallel layout, so a checkpoint written at one TP/PP loads at
 any other; only the padded vocabulary must match, which is why models are built
@@ -17,7 +17,7 @@ from typing import Union
 import torch
 
 from megatron_exact.model.config import ModelArch
-from megatron_exact.training.checkpoint_io import arch_from_dict
+from megatron_exact.checkpoint import arch_from_dict
 
 def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
     """Refuse a TP/PP layout the model cannot be split into, naming the flag and the sizes."""

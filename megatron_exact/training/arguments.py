@@ -16,11 +16,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megatron_exact.errors import UserError
 from megatron_exact.loss import add_exact_args, exact_config_from_args
 from megatron_exact.model.config import PRESETS, ModelArch, RopeScaling, arch_from_hf_config, get_preset
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A launch configuration that cannot work; the message names the flag."""
 
 
@@ -309,9 +310,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
     if args.load and args.finetune:
-        from megatron_exact.training.checkpoint_io import read_tracker
+        from megatron_exact.checkpoint import find_checkpoint
 
-        if read_tracker(args.load) is None and not os.path.isfile(os.path.join(args.load, "metadata.json")):
+        if find_checkpoint(args.load) is None:
             raise ConfigError(f"--load {args.load}: no checkpoint there to --finetune from")
     if args.lr_warmup_iters > (args.lr_decay_iters or args.train_iters) and args.train_iters:
         raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "

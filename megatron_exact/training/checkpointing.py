@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -30,17 +29,17 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from megatron_exact.model.config import ModelArch
-from megatron_exact.training.checkpoint_io import (
+from megatron_exact import atomic_io
+from megatron_exact.atomic_io import atomic_directory
+from megatron_exact.checkpoint import (
     RELEASE,
     arch_to_dict,
-    atomic_directory,
     checkpoint_dir,
+    find_checkpoint,
     model_checkpoint_state,
-    read_tracker,
-    resolve_checkpoint,
     write_tracker_atomically,
 )
+from megatron_exact.model.config import ModelArch
 
 # Megatron-LM's sharded-state-dict "content metadata", stored in the checkpoint and read
 # back on load. The distributed optimizer's state is saved in a layout-independent form
@@ -130,23 +129,14 @@ def save_checkpoint(
 
 
 def remove_stale_temporaries(save: str) -> list[Path]:
-    """Delete what interrupted saves left behind (hidden ``.iter_*.tmp`` directories); rank 0 only."""
-    removed = []
-    root = Path(save)
-    if _rank0() and root.is_dir():
-        for path in root.glob(".iter_*.tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
+    """Delete what interrupted saves left behind (temporary ``iter_*`` directories); rank 0 only.
 
-
-def checkpoint_to_resume(load: Optional[str]) -> Optional[tuple[Path, object]]:
-    """The complete checkpoint the tracker names in ``load``, or None when there is none yet."""
-    if not load:
-        return None
-    if read_tracker(load) is None and not (Path(load) / "metadata.json").is_file():
-        return None
-    return resolve_checkpoint(load)
+    At start-up every such temporary is stale, whoever wrote it: a job owns its
+    ``--save`` directory, and its previous incarnation is gone.
+    """
+    if not _rank0():
+        return []
+    return atomic_io.remove_temporaries(atomic_io.temporaries(save, "iter_*"))
 
 
 def _check_model_matches(directory: Path, common: dict, arch: ModelArch, padded_vocab_size: int) -> None:
@@ -238,7 +228,7 @@ def load_checkpoint(
     ``finetune`` (and any ``release`` checkpoint, i.e. a converted HF import)
     loads the model weights only and starts at iteration 0.
     """
-    found = checkpoint_to_resume(load)
+    found = find_checkpoint(load) if load else None
     if found is None:
         return None
     directory, iteration = found

@@ -2,9 +2,8 @@
 
 import pytest
 
-from megatron_exact.training.checkpoint_io import (
+from megatron_exact.checkpoint import (
     RELEASE,
-    atomic_directory,
     checkpoint_dir,
     read_tracker,
     resolve_checkpoint,
@@ -40,23 +39,3 @@ def test_resolve_checkpoint(tmp_path):
         resolve_checkpoint(tmp_path)
     (tmp_path / "iter_0000007").mkdir()
     assert resolve_checkpoint(tmp_path) == (tmp_path / "iter_0000007", 7)
-
-
-def test_atomic_directory_leaves_nothing_on_failure(tmp_path):
-    final = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_directory(final) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-    with atomic_directory(final) as tmp:
-        (tmp / "done.bin").write_bytes(b"y")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
-    assert (final / "done.bin").read_bytes() == b"y"
-    with pytest.raises(FileExistsError, match="already exists"):
-        with atomic_directory(final):
-            pass
-    with atomic_directory(final, overwrite=True) as tmp:
-        (tmp / "new.bin").write_bytes(b"z")
-    assert sorted(p.name for p in final.iterdir()) == ["new.bin"]
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -114,7 +114,7 @@ def test_export_dtype_tokenizer_and_verify(hf_models, imported, tmp_path):
 def test_checkpoint_contract(imported):
     from megatron_exact.convert.megatron_checkpoint import read_checkpoint_header, stored_dtype
     from megatron_exact.model.config import arch_from_hf_config
-    from megatron_exact.training.checkpoint_io import read_tracker
+    from megatron_exact.checkpoint import read_tracker
 
     assert read_tracker(imported["qwen2-tied"]) == "release"
     arch, padded_vocab, common = read_checkpoint_header(imported["qwen2-tied"] / "release")

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +21,8 @@ if str(REPO) not in sys.path:  # the worker runs as a script
     sys.path.insert(0, str(REPO))
 
 from tests.launch import run_checked, torchrun_command  # noqa: E402
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 TOL = 1e-4
 DOCUMENT_LENGTHS = [13, 1, 40, 7]
@@ -76,7 +79,7 @@ def _run_layout(layout, tp, pp, spec):
     from megatron_exact.convert.verify import megatron_logits
     from megatron_exact.model.packing import batch_from_documents, pack_batch
     from megatron_exact.platform.distributed import initialize_model_parallel
-    from megatron_exact.training.checkpoint_io import checkpoint_dir, model_checkpoint_state, write_tracker_atomically
+    from megatron_exact.checkpoint import checkpoint_dir, model_checkpoint_state, write_tracker_atomically
 
     initialize_model_parallel(tp, pp, 1)
     rank = torch.distributed.get_rank()

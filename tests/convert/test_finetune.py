@@ -8,11 +8,14 @@ forward per document, cross-entropy averaged over the supervised targets. The
 vocabulary (512) needs no padding, so Megatron's softmax sees the same logits.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from tests.convert.tiny_hf_models import build_hf_model
 from tests.training.conftest import byte_corpus, launch, training_lines  # noqa: F401  (byte_corpus is a fixture)
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 SEQ, MBS, GBS = 128, 2, 4
 

@@ -10,9 +10,12 @@ import subprocess
 import time
 
 import psutil
+import pytest
 
-from megatron_exact.training.checkpoint_io import checkpoint_dir, read_tracker
+from megatron_exact.checkpoint import checkpoint_dir, read_tracker
 from tests.training.conftest import REPO, read_metrics, run_env, tiny_flags, torchrun_command
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 
 def _last_iteration(path) -> int:

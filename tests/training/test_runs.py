@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_exact.training.checkpoint_io import read_tracker, write_tracker_atomically
+from megatron_exact.atomic_io import temporary_path
+from megatron_exact.checkpoint import read_tracker, write_tracker_atomically
 from tests.training.conftest import launch, read_metrics, tiny_flags, training_lines
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 ITERS = 6
 RESUME_AT = 3
@@ -136,7 +139,7 @@ def test_interrupted_save_is_ignored_and_reload_under_tp2(distributed_optimizer_
     optimizer's state resharded) and matches the reference."""
     runs = distributed_optimizer_runs
     ckpt, metrics = _reload_from_iteration_3(runs, tmp_path)
-    interrupted = ckpt / ".iter_0000006.crashed.tmp"
+    interrupted = temporary_path(ckpt / "iter_0000006")  # as a save killed mid-way leaves it
     os.replace(ckpt / "iter_0000006", interrupted)
     for shard in sorted(interrupted.glob("*.distcp"))[:1]:
         shard.unlink()
