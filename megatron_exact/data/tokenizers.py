@@ -16,16 +16,23 @@ Types (Megatron-LM's ``--tokenizer-type`` names):
 
 The sidecar: ``write_tokenizer_sidecar`` / ``read_tokenizer_sidecar(prefix)``
 store the tokenizer that made ``{prefix}.bin/.idx`` in
-``{prefix}.tokenizer_info.json`` so that training can check its vocabulary,
-HF export can write matching tokenizer files (``save_hf_tokenizer``) and
-evaluation tokenizes the same way.
+``{prefix}.tokenizer_info.json`` so that training can check it is the same
+tokenizer, HF export can write matching tokenizer files
+(``save_hf_tokenizer``) and evaluation tokenizes the same way.
+
+Identity: :func:`tokenizer_fingerprint` hashes what decides the ids (the
+vocabulary, the special ids, and the ids of a fixed multilingual probe
+text, which also catch a change of merges or normalisation). Two
+tokenizers with the same vocabulary size but different vocabularies have
+different fingerprints; the sidecar records it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -38,7 +45,15 @@ _BYTE_EOD_TOKEN = "<eod>"
 _BYTE_PAD_TOKEN = "<pad>"
 
 SIDECAR_SUFFIX = ".tokenizer_info.json"
-SIDECAR_FORMAT_VERSION = 1
+SIDECAR_FORMAT_VERSION = 2  # 2: adds "fingerprint"
+
+# Tokenized by tokenizer_fingerprint: ASCII words, digits, punctuation, runs of whitespace,
+# accented Latin, CJK, emoji (4-byte UTF-8), so that merges and normalisation show up in the ids.
+FINGERPRINT_PROBE = (
+    "The quick brown fox jumps over the lazy dog. 0123456789 3.14159, x=y+1; (a|b) {c} [d] \"e\" 'f' \n"
+    "  two  spaces\tand a tab\n\nZürich naïve café São Paulo Łódź déjà-vu — «quotes» … "
+    "東京都 北京 서울 Москва عربى हिन्दी 🙂🚀 ∑∞≠"
+)
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None):
@@ -115,24 +130,49 @@ def sidecar_path(prefix: str) -> str:
     return prefix + SIDECAR_SUFFIX
 
 
+def _special_id(tokenizer, name: str) -> Optional[int]:
+    try:
+        value = getattr(tokenizer, name)
+    except (AttributeError, NotImplementedError, ValueError, KeyError):
+        return None
+    return int(value) if isinstance(value, (int, np.integer)) else None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """``sha256:<hex>`` identity of a Megatron-Core tokenizer: equal exactly when the vocabulary
+    (token -> id), the special ids and the ids of :data:`FINGERPRINT_PROBE` are equal."""
+    try:
+        vocab = tokenizer.vocab
+    except (AttributeError, NotImplementedError):
+        vocab = None  # byte-level: the vocabulary is the 256 bytes, fixed
+    if isinstance(vocab, (list, tuple)):  # some libraries list the tokens in id order
+        vocab = {token: index for index, token in enumerate(vocab)}
+    identity = {
+        "vocab_size": int(tokenizer.vocab_size),
+        "special": {name: _special_id(tokenizer, name) for name in ("eod", "pad", "bos", "eos", "unk")},
+        "probe": [int(i) for i in tokenizer.tokenize(FINGERPRINT_PROBE)],
+        "vocab": sorted((str(token), int(index)) for token, index in vocab.items()) if vocab else None,
+    }
+    encoded = json.dumps(identity, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "sha256:" + hashlib.sha256(encoded).hexdigest()
+
+
 def tokenizer_description(tokenizer_type: str, tokenizer_model: str | None, tokenizer) -> dict:
     return {
         "tokenizer_type": tokenizer_type,
         "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
         "vocab_size": int(tokenizer.vocab_size),
         "eod": int(tokenizer.eod),
+        "fingerprint": tokenizer_fingerprint(tokenizer),
     }
 
 
 def write_tokenizer_sidecar(prefix: str, description: dict) -> None:
-    """Write ``{prefix}.tokenizer_info.json`` atomically (temp name, then rename)."""
-    record = {"format_version": SIDECAR_FORMAT_VERSION, **description}
-    path = sidecar_path(prefix)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``{prefix}.tokenizer_info.json`` atomically."""
+    from megatron_exact import atomic_io
+
+    atomic_io.write_json(sidecar_path(prefix), {"format_version": SIDECAR_FORMAT_VERSION, **description},
+                         sort_keys=True)
 
 
 def read_tokenizer_sidecar(prefix: str) -> dict:
@@ -156,7 +196,8 @@ def read_tokenizer_sidecar(prefix: str) -> dict:
 
 
 def check_tokenizer_matches(prefix: str, tokenizer) -> None:
-    """Raise if ``tokenizer`` differs (vocabulary size or EOD id) from the one that made ``prefix``."""
+    """Raise if ``tokenizer`` is not the one that made ``prefix`` (by fingerprint; a sidecar of
+    format 1, which has none, by vocabulary size and EOD id)."""
     record = read_tokenizer_sidecar(prefix)
     ours = (int(tokenizer.vocab_size), int(tokenizer.eod))
     theirs = (int(record["vocab_size"]), int(record["eod"]))
@@ -165,6 +206,14 @@ def check_tokenizer_matches(prefix: str, tokenizer) -> None:
             f"{sidecar_path(prefix)}: data was tokenized with vocab_size={theirs[0]}, eod={theirs[1]} "
             f"({record['tokenizer_type']} {record.get('tokenizer_model')}) but the tokenizer given has "
             f"vocab_size={ours[0]}, eod={ours[1]}"
+        )
+    recorded = record.get("fingerprint")
+    if recorded is not None and recorded != tokenizer_fingerprint(tokenizer):
+        raise ValueError(
+            f"{sidecar_path(prefix)}: data was tokenized with a different tokenizer ({record['tokenizer_type']} "
+            f"{record.get('tokenizer_model')}, fingerprint {recorded[:19]}) than the one given (same vocabulary "
+            f"size {ours[0]}, fingerprint {tokenizer_fingerprint(tokenizer)[:19]}): the token ids mean other "
+            "things; re-preprocess the data or use the tokenizer that made it"
         )
 
 
