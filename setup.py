@@ -31,7 +31,7 @@ EXTRAS_REQUIRE = {
     # built from source on clusters; the PyPI package called "apex" is unrelated.
     "gpu": ["transformer-engine[pytorch]>=2.0"],
     "eval": ["lm-eval>=0.4"],
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
 }
 
 setup(

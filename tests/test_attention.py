@@ -144,6 +144,7 @@ def test_unpacked_sbhd_input_is_plain_causal_attention(single_process_group):
         assert (out[:, sample].reshape(s, HEADS, HEAD_DIM).double() - ref).abs().max() <= TOL
 
 
+@pytest.mark.slow
 def test_context_parallel_two_ranks_match_dense_reference(tmp_path):
     run_checked(torchrun_command(__file__, "--worker", tmp_path), timeout=240)
 

@@ -22,6 +22,8 @@ import pytest
 
 from tests.launch import run_checked, torchrun_command
 
+pytestmark = pytest.mark.slow  # multi-process runs
+
 HARNESS = Path(__file__).with_name("layout_run.py")
 LAYOUTS = ("dp2", "tp2", "tp2sp", "pp2", "cp2")
 OBJECTIVES = ("exact", "exact-weights", "uniform")  # scope step: must not depend on the layout
