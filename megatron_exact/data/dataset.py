@@ -88,8 +88,18 @@ class ExactGPTDataset(GPTDataset):
         check_document_level(dataset, dataset_path)
         return dataset
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config) -> None:
+        if len(indexed_indices) == 0 and num_samples is not None:
+            # Megatron-Core loops forever asking an empty part for tokens (GPTDataset._get_num_epochs),
+            # also for 0 samples; with nothing requested the part is simply empty.
+            if num_samples > 0:
+                raise ValueError(
+                    f"{dataset_path}: the {index_split.name} part of split {config.split!r} holds none of its "
+                    f"{len(indexed_dataset.document_indices) - 1} documents, but {num_samples} samples were "
+                    "requested from it; give that part a larger share of the split (or the corpus more documents)"
+                )
+            num_samples = None
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
         self._sequence_lengths = self.dataset.sequence_lengths
         self._plain = None
         S = self.config.sequence_length

@@ -71,6 +71,19 @@ class ExitSignalHandler:
         self.received = signum
 
 
+def split_sample_counts(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Samples the run reads from the train, valid and test parts of ``--split``.
+
+    Megatron-LM's counts (``train_iters x gbs``; ``eval_iters x gbs`` per evaluation),
+    always numbers: Megatron-Core's blend builder needs a size for every part of a
+    weighted blend. Unlike Megatron-LM, every evaluation reads the same first
+    ``--eval-iters`` batches (see ``validation.py``), so the valid part needs no more
+    than one evaluation's worth, and the test part, which the trainer never reads, none.
+    """
+    gbs = args.global_batch_size
+    return args.train_iters * gbs, args.eval_iters * gbs, 0
+
+
 def collate(samples: list[dict]) -> dict:
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in SAMPLE_KEYS}
 
@@ -208,17 +221,15 @@ class Trainer:
 
     def _build_data(self, tokenizer_record: dict) -> None:
         args = self.args
-        gbs = args.global_batch_size
         tokenizer = build_tokenizer(tokenizer_record["tokenizer_type"], tokenizer_record.get("tokenizer_model"))
-        valid_samples = args.eval_iters * gbs if args.eval_iters else 0
+        sample_counts = split_sample_counts(args)
         self.train_dataset, self.valid_dataset, _ = build_train_valid_test_datasets(
-            args.data_path, args.split, args.seq_length, args.seed,
-            (args.train_iters * gbs, valid_samples or None, None),
+            args.data_path, args.split, args.seq_length, args.seed, sample_counts,
             document_masking=args.document_masking, cache_path=args.data_cache_path, tokenizer=tokenizer,
         )
         if self.train_dataset is None:
             raise ValueError(f"--split {args.split} leaves no training data")
-        if valid_samples and self.valid_dataset is None:
+        if args.eval_iters and self.valid_dataset is None:
             self._print(f"--split {args.split} has no validation part: validation is off")
 
     # -- data -------------------------------------------------------------------------
