@@ -254,10 +254,12 @@ def load_checkpoint(
     model.load_state_dict(loaded["model"])
     if weights_only:
         return LoadedState(iteration=0, consumed_train_samples=0, directory=directory)
-    if "optimizer" in loaded:
+    # What was asked for, not what came back: the result also holds the checkpoint's common
+    # (non-tensor) state, which has an "optimizer" entry whether or not it was requested.
+    if "optimizer" in request:
         _load_optimizer_state(optimizer, loaded["optimizer"])
         scheduler.load_state_dict(common["opt_param_scheduler"])
-    if "rng_state" in loaded:
+    if "rng_state" in request:
         _restore_rng_state(loaded["rng_state"])
     return LoadedState(
         iteration=int(common["iteration"]),
