@@ -46,6 +46,13 @@ def model_flops(arch: ModelArch, vocab_size: int, tokens: int, sum_squared_docum
             + 6.0 * arch.num_layers * d_attn * sum_squared_document_lengths)
 
 
+def throughput(flops: float, step_time_s: float, world_size: int, peak: Optional[float]) -> tuple[float, Optional[float]]:
+    """TFLOP/s per GPU of a step of ``flops`` model FLOPs over ``world_size`` GPUs, and the MFU
+    (that over the GPU's ``peak`` dense TFLOP/s; None without a peak)."""
+    tflops_per_gpu = flops / max(step_time_s, 1e-9) / world_size / 1e12
+    return tflops_per_gpu, (tflops_per_gpu / peak if peak else None)
+
+
 def peak_tflops(override: Optional[float]) -> Optional[float]:
     if override:
         return override

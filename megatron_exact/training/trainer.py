@@ -47,7 +47,7 @@ from megatron_exact.model.packing import PackedBatch, document_lengths, pack_bat
 from megatron_exact.platform.distributed import initialize_model_parallel
 from megatron_exact.training.arguments import RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share
+from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share, throughput
 from megatron_exact.training.validation import BucketedCrossEntropy
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
@@ -464,8 +464,7 @@ class Trainer:
             if torch.cuda.is_available():
                 squared = sum(length * length for s in samples for length in document_lengths(s["cu_seqlens"].view(1, -1)))
                 flops = model_flops(self.arch, self.padded_vocab_size, tokens_processed, squared)
-                tflops = flops / max(step_time, 1e-9) / self.layout.world_size / 1e12
-                mfu = tflops / peak if peak else None
+                tflops, mfu = throughput(flops, step_time, self.layout.world_size, peak)
             printable = dict(record, loss=record["loss"] if record["loss"] is not None else float("nan"),
                              grad_norm=grad_norm if grad_norm is not None else float("nan"))
             self.logger.training_line(printable, elapsed_s=interval_time, iterations=interval_iterations,
