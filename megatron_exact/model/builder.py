@@ -89,7 +89,8 @@ def transformer_config(
 ) -> TransformerConfig:
     """A ``TransformerConfig`` for ``arch`` at the given parallel layout.
 
-    Dropout is off (what these models use in CPT); the loss is per token
+    Dropout is off unless ``hidden_dropout``/``attention_dropout`` are given (off is what
+    these models use in CPT); the loss is per token
     (``calculate_per_token_loss``) so that EXACT's normalisation by supervised
     tokens is exact under gradient accumulation, DP and CP. Fusions that need
     CUDA kernels are off unless a GPU with TE is present.

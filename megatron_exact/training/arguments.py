@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--train-iters", type=int, required=True)
     group.add_argument("--seed", type=int, default=1234)
     group.add_argument("--bf16", action="store_true")
+    group.add_argument("--hidden-dropout", type=float, default=0.0,
+                       help="dropout after attention and MLP (Megatron-LM's flag; 0 as usual in CPT)")
+    group.add_argument("--attention-dropout", type=float, default=0.0,
+                       help="dropout of the attention probabilities (Megatron-LM's flag; 0 as usual in CPT)")
     group.add_argument("--recompute-granularity", choices=("full", "selective"))
     group.add_argument("--recompute-method", choices=("uniform", "block"), default="uniform",
                        help="with --recompute-granularity full")
@@ -239,6 +243,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in ("train_iters", "eval_iters") else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    for flag in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(args, flag) < 1.0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be in [0, 1), got {getattr(args, flag)}")
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     model_parallel = tp * pp * cp
     if world_size % model_parallel:

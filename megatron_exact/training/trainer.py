@@ -164,6 +164,8 @@ class Trainer:
             context_parallel_size=args.context_parallel_size,
             sequence_parallel=args.sequence_parallel,
             bf16=args.bf16,
+            hidden_dropout=args.hidden_dropout,
+            attention_dropout=args.attention_dropout,
             variable_seq_lengths=variable_seq_lengths,
             **overrides,
         )
