@@ -1,6 +1,12 @@
-"""Fixtures shared by test files in several directories."""
+"""Fixtures shared by test files in several directories; the suite's device decision."""
 
 import pytest
+
+from tests.launch import hide_cuda_from_tests
+
+# Before any test imports torch: the suite runs on the CPU backend, forced, not assumed
+# (tests/launch.py; MEGATRON_EXACT_TEST_DEVICE=cuda gives the multi-process jobs the GPUs).
+hide_cuda_from_tests()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,18 @@
-"""Starting real multi-process (gloo) runs from tests: one launcher for every test file."""
+"""Starting real multi-process runs from tests: one launcher, and the one decision of the test device.
+
+The suite is written for the CPU backend (gloo, fp32, exact comparisons) and
+forces it rather than assuming it: ``tests/conftest.py`` calls
+:func:`hide_cuda_from_tests` before any test imports torch, so on a machine with
+GPUs the test process and every process it starts see none and run on the CPU.
+``MEGATRON_EXACT_TEST_DEVICE=cuda`` lets the processes started through this
+module (torchrun jobs) use the GPUs instead, one per rank; a job that needs more
+ranks than there are GPUs is skipped with a reason. In-process tests stay on the
+CPU either way.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import subprocess
@@ -9,6 +20,56 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEVICE_VARIABLE = "MEGATRON_EXACT_TEST_DEVICE"
+DEVICES = ("cpu", "cuda")
+# What CUDA_VISIBLE_DEVICES was before the suite hid the GPUs (None: unset).
+_VISIBLE_DEVICES_AT_START = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_device() -> str:
+    """The device multi-process test jobs run on: ``cpu`` (default) or ``cuda``."""
+    device = os.environ.get(DEVICE_VARIABLE, "cpu")
+    if device not in DEVICES:
+        raise ValueError(f"{DEVICE_VARIABLE}={device!r}: expected one of {DEVICES}")
+    return device
+
+
+test_device.__test__ = False  # a helper, not a test
+
+
+def hide_cuda_from_tests() -> None:
+    """Hide every GPU from this process and its children (before torch initialises CUDA)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+@functools.lru_cache(maxsize=None)
+def visible_gpu_count() -> int:
+    """GPUs a child process would see with the devices visible at start (asked in a child:
+    this process has hidden them)."""
+    env = dict(os.environ)
+    _restore_visible_devices(env)
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return int(result.stdout.strip() or 0) if result.returncode == 0 else 0
+
+
+def require_devices(nproc: int) -> None:
+    """Skip the calling test when a job of ``nproc`` ranks cannot get one device per rank."""
+    if test_device() != "cuda":
+        return
+    gpus = visible_gpu_count()
+    if gpus < nproc:
+        import pytest
+
+        pytest.skip(f"needs {nproc} GPUs ({DEVICE_VARIABLE}=cuda), {gpus} visible; "
+                    f"{DEVICE_VARIABLE}=cpu runs it on the CPU")
+
+
+def _restore_visible_devices(env: dict) -> None:
+    if _VISIBLE_DEVICES_AT_START is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = _VISIBLE_DEVICES_AT_START
 
 
 def free_port() -> int:
@@ -18,15 +79,22 @@ def free_port() -> int:
 
 
 def run_env() -> dict:
-    """One thread per rank (2 cores), the repo importable, output unbuffered, no warning noise."""
+    """One thread per rank (2 cores), the repo importable, output unbuffered, no warning noise,
+    and the test device: no GPU visible unless it is ``cuda``."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if test_device() == "cuda":
+        _restore_visible_devices(env)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
 def torchrun_command(script, *args, nproc: int = 2, torchrun_flags: tuple = (), rendezvous: bool = False) -> list[str]:
     """``rendezvous``: the c10d rendezvous (a fresh round per restart, what --max-restarts
-    needs) instead of a static master port."""
+    needs) instead of a static master port. Skips the calling test when the test device
+    cannot give every rank its own device."""
+    require_devices(nproc)
     where = (["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"] if rendezvous
              else ["--master-addr=127.0.0.1", f"--master-port={free_port()}"])
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *torchrun_flags,
