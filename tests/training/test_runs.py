@@ -1,10 +1,12 @@
 """Real multi-process (gloo) runs of the trainer on a tiny model: learning, DP consistency, exact resume
-(plain and distributed optimizer), reload under other TP/PP/CP layouts, interrupted checkpoints, NaN policy."""
+(plain and distributed optimizer), reload under other TP/PP/CP layouts, interrupted checkpoints, NaN stop
+policy (on every rank; the skip policy's effect on the state: test_trainer_flags.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -99,16 +101,21 @@ def test_resume_is_exact(runs_fixture, request):
     (Adam's moments and step count, the LR schedule, RNG and data position all restored)."""
     runs = request.getfixturevalue(runs_fixture)
     assert f"loaded {runs.checkpoints / 'iter_0000003'}" in runs.resumed_stdout
-    ref_train = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
+    # The resumed run computed iterations 4..6 and nothing else; its metrics file keeps the lines
+    # 1..3 from before the "crash" (lines past 3 were dropped on resume) and appends its own.
+    assert re.findall(r"^iteration +(\d+)/", runs.resumed_stdout, re.M) == [str(i) for i in range(RESUME_AT + 1, ITERS + 1)]
     got_train = [r for r in runs.resumed if r.get("split") is None]
     assert [r["iteration"] for r in got_train] == list(range(1, ITERS + 1))
-    for r in got_train:
+    ref_train = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
+    computed = [r for r in got_train if r["iteration"] > RESUME_AT]
+    for r in computed:
         expected = ref_train[r["iteration"]]
         assert r["batch_sha1"] == expected["batch_sha1"]
         assert r["loss"] == expected["loss"] and r["lm_loss"] == expected["lm_loss"], r["iteration"]
         assert r["lr"] == expected["lr"] and r["grad_norm"] == expected["grad_norm"], r["iteration"]
-    ref_valid = [r["lm_loss"] for r in runs.straight if r.get("split") == "valid"]
-    assert [r["lm_loss"] for r in runs.resumed if r.get("split") == "valid"] == ref_valid
+    ref_valid = [r["lm_loss"] for r in runs.straight if r.get("split") == "valid" and r["iteration"] > RESUME_AT]
+    got_valid = [r["lm_loss"] for r in runs.resumed if r.get("split") == "valid" and r["iteration"] > RESUME_AT]
+    assert got_valid == ref_valid and len(got_valid) == 1
 
 
 def _reload_from_iteration_3(runs: Runs, work: Path) -> tuple[Path, Path]:
@@ -176,15 +183,3 @@ def test_nan_loss_stops_the_run_with_a_message(byte_corpus, tmp_path):
     assert result.returncode != 0
     assert "iteration 2: the loss is NaN/Inf (--nan-loss-policy stop)" in result.stderr
     assert [r["iteration"] for r in training_lines(metrics)] == [1]
-
-
-def test_nan_loss_skip_policy_skips_the_update(byte_corpus, tmp_path):
-    metrics = tmp_path / "metrics.jsonl"
-    flags = tiny_flags(byte_corpus, "--train-iters", "3", "--eval-iters", "0", "--metrics-file", str(metrics),
-                       "--nan-loss-policy", "skip", "--lr-warmup-iters", "0")
-    flags[flags.index("--lr") + 1] = "1e30"
-    result = _check(launch(flags))
-    lines = training_lines(metrics)
-    assert [r["iteration"] for r in lines] == [1, 2, 3]
-    assert "skipped" not in lines[0] and lines[1]["skipped"] and lines[2]["skipped"]
-    assert "optimizer step skipped" in result.stdout
