@@ -85,6 +85,13 @@ def test_tokenizer_flag_disagreeing_with_data_sidecar(byte_corpus):
         validate(flags(byte_corpus, "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(HF_TOKENIZER)))
 
 
+def test_dropout_outside_its_range(byte_corpus):
+    with pytest.raises(ConfigError, match=r"--attention-dropout must be in \[0, 1\), got 1.0"):
+        validate(flags(byte_corpus, "--attention-dropout", "1"))
+    args = parse_args(flags(byte_corpus))
+    assert (args.hidden_dropout, args.attention_dropout) == (0.0, 0.0)  # off unless asked for
+
+
 def test_save_interval_without_save(byte_corpus):
     with pytest.raises(ConfigError, match=r"--save-interval needs --save"):
         validate(flags(byte_corpus, "--save-interval", "2"))
