@@ -17,6 +17,7 @@ setup_platform()
 from megatron_exact.exact import bucket_index  # noqa: E402
 from megatron_exact.loss import ExactConfig, ExactLoss, add_exact_args, exact_config_from_args  # noqa: E402
 from megatron_exact.model.packing import batch_from_documents, pack_batch  # noqa: E402
+from tests import exact_reference as reference  # noqa: E402
 
 SEQ = 128
 TAU = 32  # tail buckets: [32, 64), [64, 128)
@@ -41,27 +42,16 @@ def fake_token_losses(mbs, seed=0):
 
 
 def hand_counts(mbs):
-    """Supervised targets per bucket [0,8), [8,16), [16,32), [32,64), [64,128), written out without exact.py."""
-    edges = [0, 8, 16, 32, 64, 128]
+    """Supervised targets per bucket [0,8), [8,16), [16,32), [32,64), [64,128), counted without exact.py."""
     counts = [0] * 5
     for mb in mbs:
-        for pos, m in zip(mb.position_ids.view(-1).tolist(), mb.loss_mask.view(-1).tolist()):
-            if m:
-                counts[next(b for b in range(5) if edges[b] <= pos < edges[b + 1])] += 1
+        mb_counts = reference.bucket_counts(mb.position_ids.view(-1).tolist(), mb.loss_mask.view(-1).tolist(), 5)
+        counts = [a + b for a, b in zip(counts, mb_counts)]
     return counts
 
 
-def hand_weights(counts, alpha=0.15, gamma=0.5, eps=1e-6):
-    tail = [b for b in (3, 4) if counts[b] > 0]
-    total = sum(counts[b] for b in tail)
-    weights = [1.0] * 5
-    if total:
-        q = {b: counts[b] / total for b in tail}
-        r = {b: (q[b] + eps) ** -gamma for b in tail}
-        r_bar = sum(q[b] * r[b] for b in tail)
-        for b in tail:
-            weights[b] = 1 + alpha * r[b] / r_bar
-    return weights
+def hand_weights(counts):
+    return reference.bucket_weights(counts, tau=TAU)
 
 
 def run_step(loss, mbs, token_losses):
