@@ -27,11 +27,13 @@ Public API::
         split: str,                   # "969,30,1"
         seq_length: int,
         seed: int,
-        num_samples: tuple[int | None, int | None, int | None],  # None: one epoch
+        num_samples: tuple[int | None, int | None, int | None],  # None: one epoch (not with weights)
         document_masking: bool = True,
         cache_path: str | None = None,
         tokenizer=None,               # None: built from the first prefix's sidecar
     ) -> (train, valid, test)         # each a Dataset of the dicts above, or None
+    # A part of the split that holds no documents of a corpus may be asked for 0 samples (or None),
+    # never for more (ValueError).
     read_tokenizer_sidecar(prefix) -> dict          # megatron_exact.data.tokenizers
     build_tokenizer(tokenizer_type, tokenizer_model) # megatron_exact.data.tokenizers
 """
@@ -89,7 +91,7 @@ class ExactGPTDataset(GPTDataset):
         return dataset
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config) -> None:
-        if len(indexed_indices) == 0 and num_samples is not None:
+        if indexed_indices is not None and len(indexed_indices) == 0 and num_samples is not None:
             # Megatron-Core loops forever asking an empty part for tokens (GPTDataset._get_num_epochs),
             # also for 0 samples; with nothing requested the part is simply empty.
             if num_samples > 0:
