@@ -25,6 +25,15 @@ class UserError(Exception):
     exit_code = 1
 
 
+class BadInputError(UserError, ValueError):
+    """Input data (a corpus line, a dataset file) that cannot be used; the message names the
+    file (and line). ``kind`` is its category, for counts of skipped lines."""
+
+    def __init__(self, message: str, kind: str = ""):
+        super().__init__(message)
+        self.kind = kind or message
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM arrived; raised in the main thread so that cleanup (temporary
     files, worker pools, locks) runs on the way out, as for Ctrl-C."""

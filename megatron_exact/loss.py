@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -76,14 +77,28 @@ class ExactConfig:
             (self.weighting in WEIGHTINGS, "--loss-weighting", f"one of {WEIGHTINGS}", self.weighting),
             (self.scope in SCOPES, "--exact-scope", f"one of {SCOPES}", self.scope),
             (self.normalization in NORMALIZATIONS, "--exact-normalization", f"one of {NORMALIZATIONS}", self.normalization),
-            (self.alpha >= 0, "--exact-alpha", ">= 0", self.alpha),
-            (self.gamma >= 0, "--exact-gamma", ">= 0", self.gamma),
-            (self.eps > 0, "--exact-eps", "> 0", self.eps),
+            # NaN fails every comparison; infinity would make every weight NaN or Inf.
+            (math.isfinite(self.alpha) and self.alpha >= 0, "--exact-alpha", "a finite number >= 0", self.alpha),
+            (math.isfinite(self.gamma) and self.gamma >= 0, "--exact-gamma", "a finite number >= 0", self.gamma),
+            (math.isfinite(self.eps) and self.eps > 0, "--exact-eps", "a finite number > 0", self.eps),
             (self.tau is None or self.tau >= 0, "--exact-tau", ">= 0 tokens", self.tau),
         )
         for ok, flag, expected, value in checks:
             if not ok:
                 raise ValueError(f"{flag} must be {expected}, got {value!r}")
+
+    def check_tail(self, seq_length: int) -> None:
+        """Refuse an ``exact`` weighting whose tail is empty at ``seq_length``: with ``tau`` above
+        the last bucket's lower edge no target is ever up-weighted (all weights 1, EXACT a no-op)."""
+        if self.weighting != "exact" or self.tau is None:
+            return
+        last_edge = int(bucket_lower_edges(num_buckets(seq_length))[-1])
+        if self.tau > last_edge:
+            raise ValueError(
+                f"--exact-tau {self.tau} leaves EXACT no tail at --seq-length {seq_length}: the last effective-"
+                f"context bucket starts at {last_edge}, so every weight would be 1 (uniform loss); choose "
+                f"--exact-tau <= {last_edge} (default: seq-length / 4 = {default_tau(seq_length)})"
+            )
 
 
 def add_exact_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -129,6 +144,7 @@ class ExactLoss:
     """
 
     def __init__(self, config: ExactConfig, seq_length: int, group=None):
+        config.check_tail(seq_length)
         self.config = config
         self.seq_length = seq_length
         self.tau = default_tau(seq_length) if config.tau is None else config.tau

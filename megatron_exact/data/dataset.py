@@ -40,6 +40,8 @@ Public API::
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -50,6 +52,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import get_blend_from_list
 
+from megatron_exact.data.indexed_files import check_indexed_files, data_fingerprint
 from megatron_exact.data.tokenizers import build_tokenizer, check_tokenizer_matches, read_tokenizer_sidecar, sidecar_path
 
 
@@ -86,9 +89,21 @@ class ExactGPTDataset(GPTDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig) -> IndexedDataset:
+        check_indexed_files(dataset_path)
         dataset = GPTDataset.build_low_level_dataset(dataset_path, config)
         check_document_level(dataset, dataset_path)
         return dataset
+
+    def _build_document_sample_shuffle_indices(self):
+        # Megatron-Core keys its index cache by the dataset's path and settings, so re-preprocessed
+        # data under the same prefix would reuse indices built for the old data (wrong sample counts,
+        # or an IndexError). The content fingerprint makes the key name the data itself.
+        self.unique_identifiers["data_fingerprint"] = data_fingerprint(self.dataset.path_prefix)
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4,
+                                             default=lambda obj: obj.unique_identifiers)
+        self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"),
+                                                   usedforsecurity=False).hexdigest()
+        return super()._build_document_sample_shuffle_indices()
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config) -> None:
         if indexed_indices is not None and len(indexed_indices) == 0 and num_samples is not None:

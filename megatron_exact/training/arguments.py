@@ -199,14 +199,28 @@ def data_prefixes(data_path: Sequence[str]) -> list[str]:
 
 def resolve_tokenizer_record(args: argparse.Namespace, prefixes: Sequence[str]) -> dict:
     """The tokenizer (type, model, vocab size, EOD) of the run, checked against the data's sidecar."""
-    from megatron_exact.data.tokenizers import build_tokenizer, read_tokenizer_sidecar, sidecar_path
+    from megatron_exact.data.tokenizers import (
+        build_tokenizer,
+        check_tokenizer_matches,
+        read_tokenizer_sidecar,
+        sidecar_path,
+    )
 
-    sidecars = {p: read_tokenizer_sidecar(p) for p in prefixes if os.path.exists(sidecar_path(p))}
-    for prefix, record in sidecars.items():
+    try:
+        sidecars = {p: read_tokenizer_sidecar(p) for p in prefixes if os.path.exists(sidecar_path(p))}
+    except ValueError as err:
+        raise ConfigError(f"--data-path: {err}") from None
+    if sidecars:
         first_prefix, first = next(iter(sidecars.items()))
-        if (record["vocab_size"], record["eod"]) != (first["vocab_size"], first["eod"]):
-            raise ConfigError(f"--data-path: {prefix} and {first_prefix} were tokenized with different tokenizers "
-                              f"(vocab_size {record['vocab_size']} vs {first['vocab_size']})")
+        identity = lambda record: (record["vocab_size"], record["eod"], record.get("fingerprint"))
+        for prefix, record in sidecars.items():
+            ours, theirs = identity(record), identity(first)
+            if ours[:2] != theirs[:2] or (ours[2] and theirs[2] and ours[2] != theirs[2]):
+                raise ConfigError(
+                    f"--data-path: {prefix} and {first_prefix} were tokenized with different tokenizers "
+                    f"({record['tokenizer_type']} {record.get('tokenizer_model')}, vocab_size {record['vocab_size']} "
+                    f"vs {first['tokenizer_type']} {first.get('tokenizer_model')}, vocab_size {first['vocab_size']}; "
+                    f"see {sidecar_path(prefix)} and {sidecar_path(first_prefix)})")
     if args.tokenizer_type is None:
         if not sidecars:
             raise ConfigError(f"--tokenizer-type is required: the data has no tokenizer sidecar "
@@ -221,13 +235,13 @@ def resolve_tokenizer_record(args: argparse.Namespace, prefixes: Sequence[str]) 
         raise ConfigError(str(err)) from None
     record = {"tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
               "vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod)}
-    for prefix, theirs in sidecars.items():
-        if (theirs["vocab_size"], theirs["eod"]) != (record["vocab_size"], record["eod"]):
-            raise ConfigError(
-                f"--tokenizer-type {args.tokenizer_type} (vocab_size {record['vocab_size']}, eod {record['eod']}) "
-                f"does not match the tokenizer that made {prefix} ({theirs['tokenizer_type']}, vocab_size "
-                f"{theirs['vocab_size']}, eod {theirs['eod']}; see {sidecar_path(prefix)})"
-            )
+    given = f"--tokenizer-type {args.tokenizer_type}" + (
+        f" --tokenizer-model {args.tokenizer_model}" if args.tokenizer_model else "")
+    for prefix in sidecars:
+        try:
+            check_tokenizer_matches(prefix, tokenizer)  # by fingerprint (vocabulary, special ids)
+        except ValueError as err:
+            raise ConfigError(f"{given} does not match the tokenizer that made {prefix}: {err}") from None
     return record
 
 
@@ -291,11 +305,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
                           f"{args.rotary_seq_len_interpolation_factor}")
 
     prefixes = data_prefixes(args.data_path)
+    from megatron_exact.data.indexed_files import check_indexed_files
+
     for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise ConfigError(f"--data-path: {prefix}{suffix} does not exist "
-                                  "(give prefixes without suffix, as written by tools/preprocess_data.py)")
+        try:
+            _, documents = check_indexed_files(prefix)
+        except UserError as err:
+            raise ConfigError(f"--data-path: {err}") from None
+        if documents == 0:
+            raise ConfigError(f"--data-path: {prefix} holds no documents; preprocess a non-empty corpus")
     tokenizer = resolve_tokenizer_record(args, prefixes)
     if tokenizer["vocab_size"] > arch.vocab_size:
         raise ConfigError(
@@ -305,7 +323,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         )
 
     try:
-        exact_config_from_args(args)
+        exact_config_from_args(args).check_tail(args.seq_length)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if args.save_interval is not None and args.save_interval < 1:
