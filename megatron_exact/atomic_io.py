@@ -198,27 +198,41 @@ def remove_stale_temporaries(directory: PathLike, final_glob: str = "*") -> list
 
 @contextlib.contextmanager
 def exclusive_lock(path: PathLike, what: str) -> Iterator[Path]:
-    """Hold an exclusive lock on ``path`` (a ``.lock`` file, created if needed) for the block.
+    """Hold an exclusive lock on ``path`` (a lock file, created for the block) for the block.
 
     A second holder is refused at once with :class:`OutputLockedError` naming
     ``what`` and the pid that holds it, instead of waiting or racing. The lock
-    is released when the block ends or the process dies (``flock``); the lock
-    file itself stays, empty of meaning once released.
+    is released when the block ends or the process dies (``flock``). The holder
+    deletes the lock file before releasing it; a process that locked the file
+    just before it was deleted sees that it no longer has that name and tries
+    again, so two holders never coexist. A file left by a killed holder is
+    simply locked again.
     """
     path = Path(path)
-    handle = open(path, "a+")
-    try:
+    while True:
+        handle = open(path, "a+")
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            handle.close()
             raise OutputLockedError(f"{what} is being written by another run ({holder} holds {path}); "
                                     "wait for it to finish or choose another output") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # locked a file its previous holder had just deleted
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
         yield path
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         handle.close()

@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
 from megatron_exact import cli  # noqa: E402
-from megatron_exact.data.preprocess import BadInputError, PreprocessConfig, preprocess  # noqa: E402
+from megatron_exact.data.preprocess import UNREADABLE, BadInputError, PreprocessConfig, preprocess  # noqa: E402
 from megatron_exact.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
@@ -70,6 +70,8 @@ def _main(argv=None):
     try:
         preprocess(config)
     except BadInputError as err:
+        if err.kind in (UNREADABLE, "no documents") or config.skip_bad_lines:
+            raise
         raise BadInputError(f"{err} (fix the line, or pass --skip-bad-lines to count and skip such lines)",
                             err.kind) from None
     return 0

@@ -21,12 +21,14 @@ files are byte-identical. Differences on purpose:
 
 from __future__ import annotations
 
-import collections
+import contextlib
 import glob
 import gzip
 import io
 import json
 import os
+import pathlib
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megatron_exact.errors import UserError
+from megatron_exact import atomic_io
+from megatron_exact.errors import BadInputError, UserError
 from megatron_exact.data.tokenizers import BatchEncoder, build_tokenizer, tokenizer_description, write_tokenizer_sidecar
 
 INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
@@ -42,14 +45,7 @@ INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".js
 _SPLIT_MAX_CHARS = 1_000_000
 _LINES_PER_CHUNK = 256
 _PUNKT_TRAIN_CHARS = 4_000_000
-
-
-class BadInputError(UserError, ValueError):
-    """A malformed input line; ``kind`` is its category (for skip counts)."""
-
-    def __init__(self, message: str, kind: str = ""):
-        super().__init__(message)
-        self.kind = kind or message
+UNREADABLE = "unreadable file"  # the BadInputError kind of a file that cannot be decompressed or read
 
 
 @dataclass
@@ -90,6 +86,10 @@ def resolve_input_files(spec: str) -> List[str]:
         )
         if not files:
             raise FileNotFoundError(f"--input {spec}: directory holds no {'/'.join(INPUT_SUFFIXES)} files")
+        for path in files:
+            if not os.path.isfile(path):
+                raise BadInputError(f"--input {spec}: {path} is a directory, not an input file (input directories "
+                                    f"are not searched recursively); move it out of {spec} or pass a glob of the files")
         return files
     if os.path.isfile(spec):
         return [spec]
@@ -109,21 +109,48 @@ def _open_binary(path: str):
     return open(path, "rb")
 
 
+def _decompression_errors() -> tuple:
+    errors = [OSError, EOFError, gzip.BadGzipFile]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def read_line_chunks(files: Sequence[str], lines_per_chunk: int = _LINES_PER_CHUNK) -> Iterator[Tuple[str, int, List[bytes]]]:
-    """``(path, first line number, raw lines)`` chunks, streaming, in input order."""
+    """``(path, first line number, raw lines)`` chunks, streaming, in input order.
+
+    A file that cannot be read or decompressed (truncated, not gzip/zstd, corrupt)
+    stops the run with ``file:line`` like a malformed line (no skipping past it).
+    """
+    unreadable = _decompression_errors()
     for path in files:
-        with _open_binary(path) as f:
-            chunk: List[bytes] = []
-            first = 1
-            for lineno, line in enumerate(f, start=1):
-                if not chunk:
-                    first = lineno
-                chunk.append(line)
-                if len(chunk) == lines_per_chunk:
+        lineno = 0
+        try:
+            with _open_binary(path) as f:
+                chunk: List[bytes] = []
+                first = 1
+                for lineno, line in enumerate(f, start=1):
+                    if not chunk:
+                        first = lineno
+                    chunk.append(line)
+                    if len(chunk) == lines_per_chunk:
+                        yield path, first, chunk
+                        chunk = []
+                if chunk:
                     yield path, first, chunk
-                    chunk = []
-            if chunk:
-                yield path, first, chunk
+        except unreadable as err:
+            if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile) and err.filename:
+                raise  # missing file, permission: the OS error names the path
+            kind = "zstd" if path.endswith(".zst") else "gzip" if path.endswith(".gz") else "text"
+            raise BadInputError(
+                f"{path}:{lineno + 1}: cannot read the file past line {lineno} ({type(err).__name__}: {err}); "
+                f"it is truncated or corrupt, or not {kind} data: re-create or re-download it",
+                UNREADABLE,
+            ) from None
 
 
 # ---------------------------------------------------------------- sentence splitting
@@ -229,6 +256,12 @@ def _parse_line(raw: bytes, json_keys: Sequence[str]) -> Dict[str, str]:
         value = record[key]
         if not isinstance(value, str):
             raise BadInputError(f"value of key {key!r} is {type(value).__name__}, expected a string", "non-string value")
+        if "\\ud" in line or "\\uD" in line:  # only an escape can smuggle a lone surrogate into valid JSON
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise BadInputError(f"value of key {key!r} holds a lone surrogate ({value[err.start]!r} at character "
+                                    f"{err.start}), which is not text", "lone surrogate") from None
         values[key] = value
     return values
 
@@ -297,6 +330,97 @@ def _init_worker(config: PreprocessConfig, punkt_params) -> None:
 # ---------------------------------------------------------------- main side
 
 
+class _WorkerError(Exception):
+    """An exception raised in a worker process, carried back with its formatted traceback."""
+
+
+def _worker_loop(tasks, results, initargs, parent: int) -> None:
+    # The parent handles Ctrl-C (it reaches the whole process group) and stops the workers
+    # itself; SIGTERM, which is how it stops them, must simply end a worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _end_with_parent()
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+    try:
+        _init_worker(*initargs)
+        for number, job in iter(tasks.get, None):
+            results.put((number, _encode_chunk(job), None))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises it
+        import traceback
+
+        results.put((-1, None, traceback.format_exc()))
+
+
+def _end_with_parent() -> None:
+    """Linux: this process gets SIGTERM when its parent dies (even by SIGKILL), so no orphaned
+    worker is left waiting for work forever."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _WorkerPool:
+    """``workers`` forked tokenizer processes fed through queues.
+
+    Unlike ``multiprocessing.Pool`` (whose ``terminate`` can deadlock when a worker is
+    killed mid-task, e.g. on Ctrl-C), stopping is plain: every worker still alive gets
+    SIGTERM, then SIGKILL after a grace period, and is reaped before :meth:`close` returns.
+    """
+
+    def __init__(self, workers: int, initargs):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self.tasks, self.results = context.Queue(), context.Queue()
+        self.processes = [context.Process(target=_worker_loop, args=(self.tasks, self.results, initargs, os.getpid()),
+                                          daemon=True)
+                          for _ in range(workers)]
+        for process in self.processes:
+            process.start()
+
+    def submit(self, number: int, job) -> None:
+        self.tasks.put((number, job))
+
+    def receive(self):
+        """The next finished ``(number, result)``, in completion order."""
+        import queue
+
+        while True:
+            try:
+                number, result, error = self.results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in self.processes if p.exitcode not in (None, 0)]
+                if dead:
+                    raise UserError(f"a tokenizer worker process died (exit code {dead[0].exitcode}; "
+                                       "out of memory?): lower --workers") from None
+                continue
+            if error is not None:
+                raise _WorkerError(f"in a tokenizer worker process:\n{error}")
+            return number, result
+
+    def close(self) -> None:
+        for _ in self.processes:
+            with contextlib.suppress(Exception):
+                self.tasks.put_nowait(None)
+        deadline = time.time() + 2.0
+        for process in self.processes:
+            process.join(max(deadline - time.time(), 0.0))
+        for process in self.processes:
+            if process.is_alive():
+                process.terminate()
+        for process in self.processes:
+            process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for q in (self.tasks, self.results):
+            q.cancel_join_thread()  # a full pipe nobody reads must not block the exit
+            q.close()
+
+
 def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkResult]:
     """Results in input order with at most ``2 * workers`` chunks in flight."""
     if workers <= 1:
@@ -304,16 +428,29 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
         for job in jobs:
             yield _encode_chunk(job)
         return
-    import multiprocessing
-
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        pending = collections.deque()
-        for job in jobs:
-            pending.append(pool.apply_async(_encode_chunk, (job,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    pool = _WorkerPool(workers, initargs)
+    try:
+        submitted = delivered = 0
+        finished = {}
+        jobs = iter(jobs)
+        exhausted = False
+        while True:
+            while not exhausted and submitted - delivered < 2 * workers:
+                job = next(jobs, None)
+                if job is None:
+                    exhausted = True
+                    break
+                pool.submit(submitted, job)
+                submitted += 1
+            if delivered == submitted:
+                return
+            while delivered not in finished:
+                number, result = pool.receive()
+                finished[number] = result
+            yield finished.pop(delivered)
+            delivered += 1
+    finally:
+        pool.close()
 
 
 def output_prefixes(output_prefix: str, json_keys: Sequence[str], split_sentences: bool) -> Dict[str, str]:
@@ -323,7 +460,16 @@ def output_prefixes(output_prefix: str, json_keys: Sequence[str], split_sentence
 
 
 def preprocess(config: PreprocessConfig, log=None) -> PreprocessSummary:
-    """Run preprocessing; raises ``BadInputError`` (naming file and line) on bad input."""
+    """Run preprocessing; raises ``BadInputError`` (naming file and line) on bad input.
+
+    Each output prefix is locked for the run (a second run writing it is refused),
+    temporaries left by dead runs are removed first, and every output is written
+    under a unique temporary name (:mod:`megatron_exact.atomic_io`) that only a
+    complete run renames: an error or an interrupt leaves the previous outputs as
+    they were and no temporary behind. Per prefix the old ``.idx`` goes first and
+    the new one comes last (after ``.bin`` and the sidecar), so an ``.idx`` never
+    describes a ``.bin`` it was not written with.
+    """
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -337,47 +483,68 @@ def preprocess(config: PreprocessConfig, log=None) -> PreprocessSummary:
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"--output-prefix {config.output_prefix}: directory {out_dir} does not exist")
 
-    punkt_params = learn_punkt_parameters(files, config.json_keys) if config.split_sentences else None
     summary = PreprocessSummary(
         tokens={k: 0 for k in config.json_keys}, empty_documents={k: 0 for k in config.json_keys}
     )
-    temp_paths = []
-    builders = {}
-    try:
-        for key, prefix in prefixes.items():
-            temp_paths += [prefix + ".bin.tmp", prefix + ".idx.tmp"]
-            builders[key] = IndexedDatasetBuilder(prefix + ".bin.tmp", dtype=dtype)
-        start = time.time()
-        next_log = config.log_interval
-        for result in _ordered_results(read_line_chunks(files), config.workers, (config, punkt_params)):
-            for lineno, kind, message in result.bad_lines:
-                if not config.skip_bad_lines:
-                    raise BadInputError(f"{result.path}:{lineno}: {message}", kind)
-                summary.skipped_lines[kind] = summary.skipped_lines.get(kind, 0) + 1
-            for key, part in result.keys.items():
-                _add_documents(builders[key], part)
-                summary.tokens[key] += int(part.tokens.size)
-                summary.empty_documents[key] += int((part.sequences_per_document == 0).sum())
-            summary.documents += result.documents
-            summary.input_bytes += result.input_bytes
-            if summary.documents >= next_log:
-                next_log += config.log_interval * max(1, (summary.documents - next_log) // config.log_interval + 1)
-                elapsed = max(time.time() - start, 1e-9)
-                log(
-                    f"Processed {summary.documents} documents ({summary.documents / elapsed:.1f} docs/s, "
-                    f"{summary.input_bytes / elapsed / 2**20:.2f} MB/s)."
-                )
-        for key, prefix in prefixes.items():
-            builders[key].finalize(prefix + ".idx.tmp")
+    with contextlib.ExitStack() as outputs:
+        for prefix in prefixes.values():
+            name = os.path.basename(prefix)
+            outputs.enter_context(atomic_io.exclusive_lock(os.path.join(out_dir, f".{name}.lock"),
+                                                           f"--output-prefix {config.output_prefix} ({prefix}.bin/.idx)"))
+            stale = atomic_io.remove_stale_temporaries(out_dir, f"{name}.*")
+            # Fixed names of versions before unique temporaries; ours now, under the lock.
+            stale += [path for path in (prefix + ".bin.tmp", prefix + ".idx.tmp") if os.path.exists(path)]
+            atomic_io.remove_temporaries([pathlib.Path(path) for path in stale])
+            if stale:
+                log(f"removed {len(stale)} temporary file(s) left by an interrupted run: "
+                    f"{', '.join(str(path) for path in stale)}")
+        idx_tmp = {key: outputs.enter_context(atomic_io.atomic_path(prefix + ".idx")) for key, prefix in prefixes.items()}
+        data_files = outputs.enter_context(contextlib.ExitStack())  # renamed before the .idx files
+        bin_tmp = {key: data_files.enter_context(atomic_io.atomic_path(prefix + ".bin")) for key, prefix in prefixes.items()}
+        builders = {}
+        try:
+            for key in prefixes:
+                builders[key] = IndexedDatasetBuilder(str(bin_tmp[key]), dtype=dtype)
+            punkt_params = learn_punkt_parameters(files, config.json_keys) if config.split_sentences else None
+            start = time.time()
+            next_log = config.log_interval
+            for result in _ordered_results(read_line_chunks(files), config.workers, (config, punkt_params)):
+                for lineno, kind, message in result.bad_lines:
+                    if not config.skip_bad_lines:
+                        raise BadInputError(f"{result.path}:{lineno}: {message}", kind)
+                    summary.skipped_lines[kind] = summary.skipped_lines.get(kind, 0) + 1
+                for key, part in result.keys.items():
+                    _add_documents(builders[key], part)
+                    summary.tokens[key] += int(part.tokens.size)
+                    summary.empty_documents[key] += int((part.sequences_per_document == 0).sum())
+                summary.documents += result.documents
+                summary.input_bytes += result.input_bytes
+                if summary.documents >= next_log:
+                    next_log += config.log_interval * max(1, (summary.documents - next_log) // config.log_interval + 1)
+                    elapsed = max(time.time() - start, 1e-9)
+                    log(
+                        f"Processed {summary.documents} documents ({summary.documents / elapsed:.1f} docs/s, "
+                        f"{summary.input_bytes / elapsed / 2**20:.2f} MB/s)."
+                    )
+            if summary.documents == 0:
+                skipped = sum(summary.skipped_lines.values())
+                raise BadInputError(
+                    f"--input {config.input}: no documents in {len(files)} file(s) ({', '.join(files[:3])}"
+                    f"{', ...' if len(files) > 3 else ''})"
+                    + (f"; all {skipped} line(s) were bad and skipped: {summary.skipped_lines}" if skipped else "")
+                    + "; nothing was written", "no documents")
+            for key in prefixes:
+                builders[key].finalize(str(idx_tmp[key]))
+        finally:
+            for builder in builders.values():
+                builder.data_file.close()
         summary.seconds = time.time() - start
         description = tokenizer_description(config.tokenizer_type, config.tokenizer_model, tokenizer)
-        for key, prefix in prefixes.items():
-            # The old .idx goes first and the new one comes last, so a crash in
-            # between never pairs an .idx with a .bin it does not describe.
-            if os.path.exists(prefix + ".idx"):
+        for prefix in prefixes.values():
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(prefix + ".idx")
-            os.replace(prefix + ".bin.tmp", prefix + ".bin")
-            os.replace(prefix + ".idx.tmp", prefix + ".idx")
+        data_files.close()  # the new .bin files take their names
+        for key, prefix in prefixes.items():
             write_tokenizer_sidecar(
                 prefix,
                 {
@@ -391,12 +558,7 @@ def preprocess(config: PreprocessConfig, log=None) -> PreprocessSummary:
                 },
             )
             summary.outputs[key] = prefix
-    finally:
-        for builder in builders.values():
-            builder.data_file.close()
-        for path in temp_paths:
-            if os.path.exists(path):
-                os.remove(path)
+    # Leaving the block renamed the .idx files last, then released the locks.
     elapsed = max(summary.seconds, 1e-9)
     log(
         f"Done: {summary.documents} documents, {summary.input_bytes / 2**20:.2f} MB in {summary.seconds:.2f} s "
