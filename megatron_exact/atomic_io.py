@@ -141,6 +141,35 @@ def atomic_directory(final: PathLike, *, overwrite: bool = False) -> Iterator[Pa
     _fsync_directory(final.parent)
 
 
+def check_writable(path: PathLike, *, directory: bool) -> None:
+    """Raise :class:`UserError` unless ``path`` (a directory, or a file with ``directory=False``)
+    can be written: what exists there is of the right kind, the nearest existing ancestor is a
+    directory, and a file can really be created there (a read-only file system, a full quota or a
+    path under a regular file fail here, at start-up, not after hours of work). Creates nothing
+    that stays."""
+    path = Path(path)
+    if path.exists():
+        if directory and not path.is_dir():
+            raise UserError(f"{path} exists and is not a directory")
+        if not directory and path.is_dir():
+            raise UserError(f"{path} is a directory, expected a file")
+        where = path if directory else path.parent
+    else:
+        where = path.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        if not where.is_dir():
+            raise UserError(f"cannot create {path}: {where} is a file, not a directory")
+    probe = temporary_path(where / ".write-probe")
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+        if path.is_file() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    except OSError as err:
+        raise UserError(f"cannot write in {where}: {err.strerror or err}") from None
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

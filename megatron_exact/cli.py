@@ -47,8 +47,15 @@ def install_termination_handler() -> None:
         signal.signal(signal.SIGTERM, _raise_interrupted)
 
 
+def _rank_tag() -> str:
+    """`` [rank R/W]`` in a multi-process launch (torchrun's RANK/WORLD_SIZE), else nothing: every
+    rank prints the errors it detects itself, since torchrun may stop the others before they could."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" [rank {os.environ.get('RANK', '?')}/{world}]" if world not in ("", "1") else ""
+
+
 def error_line(prog: str, error: BaseException) -> str:
-    return f"{prog}: error: {describe(error)}"
+    return f"{prog}: error:{_rank_tag()} {describe(error)}"
 
 
 def run(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
@@ -60,7 +67,7 @@ def run(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]], arg
         status = main(argv)
         return 0 if status is None else int(status)
     except KeyboardInterrupt as err:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted{_rank_tag()}", file=sys.stderr, flush=True)
         return err.exit_code if isinstance(err, Interrupted) else 128 + signal.SIGINT
     except HANDLED as err:
         if show_traceback:

@@ -24,6 +24,8 @@ from megatron_exact.model.config import PRESETS, ModelArch, RopeScaling, arch_fr
 class ConfigError(UserError, ValueError):
     """A launch configuration that cannot work; the message names the flag."""
 
+    exit_code = 2
+
 
 class ConfigWarning(UserWarning):
     """A launch configuration that works but is probably not what was meant."""
@@ -326,6 +328,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         exact_config_from_args(args).check_tail(args.seq_length)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    from megatron_exact.atomic_io import check_writable
+
+    for flag, path, directory in (("--save", args.save, True), ("--metrics-file", args.metrics_file, False),
+                                  ("--tensorboard-dir", args.tensorboard_dir, True)):
+        if path:
+            try:
+                check_writable(path, directory=directory)
+            except UserError as err:
+                raise ConfigError(f"{flag} {path}: {err}") from None
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.save_interval and not args.save:
