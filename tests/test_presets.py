@@ -144,7 +144,6 @@ def test_unknown_preset_names_the_choices():
         ({"num_local_experts": 8}, "num_local_experts"),
         ({"use_sliding_window": True}, "use_sliding_window"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}, "rope_parameters"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
@@ -154,6 +153,15 @@ def test_builder_refuses_what_the_model_would_compute_differently(change, field)
     config = {**hf_config_json("qwen2.5-0.5b"), **change}
     with pytest.raises(UnsupportedModelError, match=field):
         arch_from_hf_config(config)
+
+
+@pytest.mark.parametrize("field", ["rope_scaling", "rope_parameters"])
+def test_linear_rope_scaling_is_position_interpolation(field):
+    """HF's "linear" RoPE divides positions by its factor: Megatron's seq_len_interpolation_factor."""
+    scaling = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}
+    arch = arch_from_hf_config({**hf_config_json("qwen2.5-0.5b"), field: scaling})
+    assert arch.rotary_seq_len_interpolation_factor == 2.0 and arch.rope_scaling is None
+    assert arch_from_hf_config(hf_config_json("qwen2.5-0.5b")).rotary_seq_len_interpolation_factor is None
 
 
 def test_llama_attention_bias_is_refused():

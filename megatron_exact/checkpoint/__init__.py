@@ -105,10 +105,31 @@ def arch_to_dict(arch: ModelArch) -> dict:
 
 
 def arch_from_dict(fields: dict) -> ModelArch:
+    """The architecture a checkpoint records (records older than a field get its default)."""
     fields = dict(fields)
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
     return ModelArch(**fields)
+
+
+# Fields a continued-pretraining run may change from the weights it starts from (context
+# extension); any other difference means different weights' shapes or meaning.
+CONTEXT_EXTENSION_FIELDS = ("rotary_base", "rope_scaling", "rotary_seq_len_interpolation_factor",
+                            "max_position_embeddings")
+
+
+def arch_differences(saved: dict, arch: ModelArch) -> dict:
+    """``field -> (recorded value, arch's value)`` for every field where a checkpoint's
+    ``model_arch`` record and ``arch`` differ (values as in the record: plain data)."""
+    recorded, ours = arch_to_dict(arch_from_dict(saved)), arch_to_dict(arch)
+    return {field: (recorded[field], ours[field]) for field in ours if recorded[field] != ours[field]}
+
+
+def read_model_record(directory: Union[str, Path]) -> dict:
+    """The common (non-tensor) state of a checkpoint directory: ``model_arch``, ``args``, ..."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(directory))
 
 
 def model_checkpoint_state(model, arch: ModelArch, padded_vocab_size: int, iteration: int = 0, **extra) -> dict:

@@ -5,7 +5,10 @@ The checkpoint is loaded into one TP=1/PP=1 model in its stored dtype
 time (peak memory: the model plus one tensor), sharded with an index above
 ``max_shard_size``. The padded vocabulary rows are dropped. ``config.json``
 starts from the HF config recorded at import (token ids and the like) with
-every architectural field taken from the checkpoint's ``model_arch``.
+every architectural field taken from the checkpoint's ``model_arch``: RoPE as
+trained (theta, llama3 scaling or linear interpolation, in ``rope_parameters``
+and ``rope_scaling``; a combination HF cannot express is refused) and
+``max_position_embeddings`` at least the trained ``--seq-length``.
 """
 
 from __future__ import annotations
@@ -127,6 +130,10 @@ def export_hf(
     shard_limit = parse_size(max_shard_size)
     ckpt_dir, iteration = resolve_checkpoint(load)
     arch, padded_vocab, common = read_checkpoint_header(ckpt_dir)
+    trained_length = int((common.get("args") or {}).get("seq_length") or 0)
+    if trained_length > arch.max_position_embeddings:  # records from before the arch said so itself
+        arch = arch.replace(max_position_embeddings=trained_length)
+    hf_config_dict(arch, torch.float32)  # refuses what a HF config cannot express before any work
     base_config, source_dir = _recorded_hf_source(common)
     if tokenizer_dir is None and source_dir is not None:
         if any((source_dir / name).is_file() for name in TOKENIZER_FILES):

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from megatron_exact.model.config import ModelArch
+from megatron_exact.model.config import ModelArch, UnsupportedModelError
 
 HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
@@ -159,6 +159,35 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def hf_rope_parameters(arch: ModelArch) -> dict:
+    """HF's ``rope_parameters`` for what ``arch``'s RoPE computes: theta, plus llama3 frequency
+    scaling or linear position interpolation (``{"rope_type": "linear", "factor": f}``).
+
+    Raises :class:`UnsupportedModelError` for a combination HF cannot express (it has one
+    ``rope_type``): llama3 scaling together with linear interpolation.
+    """
+    scaling, factor = arch.rope_scaling, arch.rotary_seq_len_interpolation_factor
+    if scaling is not None and factor is not None:
+        raise UnsupportedModelError(
+            f"the model combines llama3 RoPE scaling (factor {scaling.factor}) with linear position interpolation "
+            f"(factor {factor}): a HF config has one rope_type and cannot express both, so transformers would "
+            "compute another model; train with one of --use-rope-scaling/--rope-scaling-factor and "
+            "--rotary-seq-len-interpolation-factor"
+        )
+    if scaling is not None:
+        return {
+            "rope_type": "llama3",
+            "rope_theta": arch.rotary_base,
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position_embeddings,
+        }
+    if factor is not None:
+        return {"rope_type": "linear", "rope_theta": arch.rotary_base, "factor": factor}
+    return {"rope_type": "default", "rope_theta": arch.rotary_base}
+
+
 def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None) -> dict:
     """A HF ``config.json`` for ``arch``.
 
@@ -170,16 +199,7 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None
     config = dict(base or {})
     for stale in ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype", "transformers_version"):
         config.pop(stale, None)
-    rope_parameters = {"rope_type": "default", "rope_theta": arch.rotary_base}
-    if arch.rope_scaling is not None:
-        rope_parameters = {
-            "rope_type": "llama3",
-            "rope_theta": arch.rotary_base,
-            "factor": arch.rope_scaling.factor,
-            "low_freq_factor": arch.rope_scaling.low_freq_factor,
-            "high_freq_factor": arch.rope_scaling.high_freq_factor,
-            "original_max_position_embeddings": arch.rope_scaling.original_max_position_embeddings,
-        }
+    rope_parameters = hf_rope_parameters(arch)
     config.update(
         architectures=[HF_ARCHITECTURES[arch.family]],
         model_type=arch.family,
@@ -200,7 +220,7 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None
         dtype=_DTYPE_NAMES[dtype],
         torch_dtype=_DTYPE_NAMES[dtype],
     )
-    if arch.rope_scaling is not None:
+    if rope_parameters["rope_type"] != "default":
         config["rope_scaling"] = dict(rope_parameters)
     if arch.family == "llama":
         config.update(attention_bias=False, mlp_bias=False)

@@ -17,7 +17,8 @@ from typing import Union
 import torch
 
 from megatron_exact.model.config import ModelArch
-from megatron_exact.checkpoint import arch_from_dict
+from megatron_exact.checkpoint import arch_from_dict, read_model_record
+
 
 def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
     """Refuse a TP/PP layout the model cannot be split into, naming the flag and the sizes."""
@@ -37,12 +38,10 @@ def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, p
 
 def read_checkpoint_header(checkpoint_dir: Union[str, Path]) -> tuple[ModelArch, int, dict]:
     """``(arch, padded_vocab_size, common_state)`` of a checkpoint directory (``iter_*``/``release``)."""
-    from megatron.core import dist_checkpointing
-
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir} is not a torch_dist checkpoint (no metadata.json)")
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint_dir))
+    common = read_model_record(checkpoint_dir)
     missing = [key for key in ("model_arch", "padded_vocab_size") if key not in common]
     if missing:
         raise ValueError(f"{checkpoint_dir}: checkpoint lacks {', '.join(missing)} (not written by megatron_exact?)")

@@ -9,7 +9,6 @@ between the two.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -132,7 +131,7 @@ def transformer_config(
     return TransformerConfig(**fields)
 
 
-def _apply_llama3_rope_scaling(model: GPTModel, arch: ModelArch, rotary_base: float) -> None:
+def _apply_llama3_rope_scaling(model: GPTModel, arch: ModelArch) -> None:
     """Megatron-Core hard-codes LLaMA-3.1's low/high-frequency factors and 8192 original length:
     recompute the inverse frequencies when a config uses other values."""
     scaling = arch.rope_scaling
@@ -140,7 +139,8 @@ def _apply_llama3_rope_scaling(model: GPTModel, arch: ModelArch, rotary_base: fl
         return
     rope = model.rotary_pos_emb
     dim = arch.kv_channels
-    inv_freq = 1.0 / (rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim
+    inv_freq = 1.0 / (arch.rotary_base ** exponents)
     rope.inv_freq = rope._apply_scaling(
         inv_freq,
         factor=scaling.factor,
@@ -156,27 +156,20 @@ def build_gpt_model(
     *,
     seq_length: int,
     make_vocab_size_divisible_by: int = 128,
-    rotary_base: Optional[float] = None,
-    rotary_seq_len_interpolation_factor: Optional[float] = None,
-    rope_scaling_factor: Optional[float] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     use_transformer_engine: Optional[bool] = None,
 ) -> GPTModel:
     """One pipeline stage of the GPT model for ``arch`` (stage taken from ``parallel_state``).
 
-    ``rotary_base``, ``rope_scaling_factor`` and ``rotary_seq_len_interpolation_factor``
-    override the architecture's RoPE for context extension (Megatron-LM's
-    ``--rotary-base``, ``--rope-scaling-factor``, ``--rotary-seq-len-interpolation-factor``).
+    Everything the model computes comes from ``arch``, RoPE included (base, llama3
+    scaling, linear position interpolation), so that the architecture a checkpoint
+    records is the model that trained.
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    if rope_scaling_factor is not None:
-        base_scaling = arch.rope_scaling or RopeScaling(factor=rope_scaling_factor)
-        arch = arch.replace(rope_scaling=dataclasses.replace(base_scaling, factor=rope_scaling_factor))
-    base = arch.rotary_base if rotary_base is None else rotary_base
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, use_transformer_engine),
@@ -187,10 +180,10 @@ def build_gpt_model(
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=base,
+        rotary_base=arch.rotary_base,
         rope_scaling=arch.rope_scaling is not None,
         rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
-        seq_len_interpolation_factor=rotary_seq_len_interpolation_factor,
+        seq_len_interpolation_factor=arch.rotary_seq_len_interpolation_factor,
     )
-    _apply_llama3_rope_scaling(model, arch, base)
+    _apply_llama3_rope_scaling(model, arch)
     return model

@@ -44,7 +44,10 @@ class ModelArch:
     tie_word_embeddings: bool
     add_qkv_bias: bool
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
+    # RoPE beyond rotary_base: llama3 frequency scaling, and linear position interpolation
+    # (positions divided by the factor; HF's rope_type "linear"). Both are context extension.
     rope_scaling: Optional[RopeScaling] = None
+    rotary_seq_len_interpolation_factor: Optional[float] = None
 
     @property
     def kv_channels(self) -> int:
@@ -113,7 +116,7 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
 
     Refuses, with a message naming the field, anything the Megatron model would
     silently compute differently: other architectures, MoE, sliding-window
-    attention, RoPE scaling types other than "llama3", MLP biases.
+    attention, RoPE scaling types other than "llama3" and "linear", MLP biases.
     """
     source = "config"
     if not isinstance(config, dict):
@@ -145,7 +148,7 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         fail("attention_bias=true is not supported for llama")
 
     rope_theta = config.get("rope_theta")
-    rope_scaling = None
+    rope_scaling = interpolation = None
     scaling = config.get("rope_scaling") or None
     scaling_field = "rope_scaling"  # named in errors: the field the user's file spells
     # transformers 5 folds rope_theta into rope_parameters; accept both spellings.
@@ -154,16 +157,18 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         rope_theta = params.get("rope_theta", rope_theta)
         if params.get("rope_type", "default") != "default":
             scaling, scaling_field = params, "rope_parameters"
-    if scaling:
-        rope_type = scaling.get("rope_type", scaling.get("type"))
-        if rope_type != "llama3":
-            fail(f"{scaling_field} type {rope_type!r} is not supported (only 'llama3')")
+    rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else "default"
+    if rope_type == "linear":
+        interpolation = float(scaling["factor"])
+    elif rope_type == "llama3":
         rope_scaling = RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
             high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
         )
+    elif rope_type != "default":
+        fail(f"{scaling_field} type {rope_type!r} is not supported (only 'llama3' and 'linear')")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim")
     if head_dim == config["hidden_size"] // heads:
@@ -183,4 +188,5 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         add_qkv_bias=family == "qwen2",
         head_dim=head_dim,
         rope_scaling=rope_scaling,
+        rotary_seq_len_interpolation_factor=interpolation,
     )

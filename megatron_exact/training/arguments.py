@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--vocab-size", type=int, help="true (unpadded) vocabulary size of the model")
     group.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                        help="pad the embedding to a multiple of this x TP (trimmed again at HF export)")
+    # RoPE flags change the model: the checkpoint records them, a resume must repeat them (--finetune may change
+    # them), and HF export writes them.
     group.add_argument("--rotary-base", type=float, help="RoPE theta (default: the model's)")
     group.add_argument("--use-rope-scaling", action="store_true",
                        help="apply LLaMA-3.1-style RoPE frequency scaling (factor --rope-scaling-factor, default 8)")
@@ -186,7 +188,62 @@ def resolve_arch(args: argparse.Namespace) -> ModelArch:
         base = arch.rope_scaling or RopeScaling(factor=factor)
         arch = arch.replace(rope_scaling=RopeScaling(factor, base.low_freq_factor, base.high_freq_factor,
                                                      base.original_max_position_embeddings))
+    if args.rotary_base is not None:
+        arch = arch.replace(rotary_base=float(args.rotary_base))
+    if args.rotary_seq_len_interpolation_factor is not None:
+        arch = arch.replace(rotary_seq_len_interpolation_factor=float(args.rotary_seq_len_interpolation_factor))
     return arch
+
+
+# The flags that set each field of the architecture, for messages about a checkpoint's record.
+ARCH_FIELD_FLAGS = {
+    "num_layers": "--num-layers",
+    "hidden_size": "--hidden-size",
+    "ffn_hidden_size": "--ffn-hidden-size",
+    "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups",
+    "vocab_size": "--vocab-size",
+    "max_position_embeddings": "--max-position-embeddings/--seq-length",
+    "rotary_base": "--rotary-base",
+    "rope_scaling": "--use-rope-scaling/--rope-scaling-factor",
+    "rotary_seq_len_interpolation_factor": "--rotary-seq-len-interpolation-factor",
+}
+
+
+def describe_arch_value(field: str, value) -> str:
+    if field == "rope_scaling":
+        if value is None:
+            return "off"
+        return (f"factor {value['factor']} (low_freq_factor {value['low_freq_factor']}, high_freq_factor "
+                f"{value['high_freq_factor']}, original_max_position_embeddings "
+                f"{value['original_max_position_embeddings']})")
+    if field == "rotary_seq_len_interpolation_factor" and value is None:
+        return "off"
+    return str(value)
+
+
+def check_checkpoint_arch(load: str, saved: dict, arch: ModelArch, weights_only: bool) -> list[str]:
+    """Compare the architecture a checkpoint records (``saved``, its dict) with this run's.
+
+    Context-extension settings (RoPE, max_position_embeddings) may change when only the
+    weights are loaded (``--finetune`` or a converted ``release``): the changes are returned,
+    one line each, for the log. A resume must match: anything else raises :class:`ConfigError`
+    naming the flag and both values.
+    """
+    from megatron_exact.checkpoint import CONTEXT_EXTENSION_FIELDS, arch_differences
+
+    changes = []
+    for field, (theirs, ours) in arch_differences(saved, arch).items():
+        flag = ARCH_FIELD_FLAGS.get(field, field)
+        both = f"{describe_arch_value(field, theirs)} in the checkpoint, {describe_arch_value(field, ours)} in this run"
+        if field in CONTEXT_EXTENSION_FIELDS and weights_only:
+            changes.append(f"{flag}: {describe_arch_value(field, theirs)} -> {describe_arch_value(field, ours)}")
+        elif field in CONTEXT_EXTENSION_FIELDS:
+            raise ConfigError(f"--load {load}: {flag} differs from the checkpoint's ({both}); resume with the "
+                              "checkpoint's setting, or pass --finetune to start a new run from its weights")
+        else:
+            raise ConfigError(f"--load {load}: the model differs from the checkpoint's: {flag} ({both})")
+    return changes
 
 
 def data_prefixes(data_path: Sequence[str]) -> list[str]:
@@ -305,6 +362,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     if args.rotary_seq_len_interpolation_factor is not None and args.rotary_seq_len_interpolation_factor < 1:
         raise ConfigError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
                           f"{args.rotary_seq_len_interpolation_factor}")
+    if args.rotary_base is not None and args.rotary_base <= 0:
+        raise ConfigError(f"--rotary-base must be positive, got {args.rotary_base}")
+    # The model has now been trained at --seq-length: its record (and HF export) says so.
+    arch = arch.replace(max_position_embeddings=max(arch.max_position_embeddings, args.seq_length))
 
     prefixes = data_prefixes(args.data_path)
     from megatron_exact.data.indexed_files import check_indexed_files
@@ -345,11 +406,17 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         raise ConfigError("--exit-signal-handler needs --save (it saves a checkpoint before exiting)")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
-    if args.load and args.finetune:
-        from megatron_exact.checkpoint import find_checkpoint
+    if args.load:
+        from megatron_exact.checkpoint import RELEASE, find_checkpoint, read_model_record
 
-        if find_checkpoint(args.load) is None:
+        found = find_checkpoint(args.load)
+        if found is None and args.finetune:
             raise ConfigError(f"--load {args.load}: no checkpoint there to --finetune from")
+        if found is not None:
+            directory, iteration = found
+            saved = read_model_record(directory).get("model_arch")
+            if saved is not None:
+                check_checkpoint_arch(args.load, saved, arch, weights_only=args.finetune or iteration == RELEASE)
     if args.lr_warmup_iters > (args.lr_decay_iters or args.train_iters) and args.train_iters:
         raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "
                           f"({args.lr_decay_iters or args.train_iters})")

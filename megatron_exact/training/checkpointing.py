@@ -33,13 +33,13 @@ from megatron_exact import atomic_io
 from megatron_exact.atomic_io import atomic_directory
 from megatron_exact.checkpoint import (
     RELEASE,
-    arch_to_dict,
     checkpoint_dir,
     find_checkpoint,
     model_checkpoint_state,
     write_tracker_atomically,
 )
 from megatron_exact.model.config import ModelArch
+from megatron_exact.training.arguments import check_checkpoint_arch
 
 # Megatron-LM's sharded-state-dict "content metadata", stored in the checkpoint and read
 # back on load. The distributed optimizer's state is saved in a layout-independent form
@@ -53,6 +53,7 @@ class LoadedState:
     iteration: int
     consumed_train_samples: int
     directory: Path
+    arch_changes: list  # context-extension settings changed from the checkpoint's (weights-only loads)
 
 
 def _rng_state_object() -> ShardedObject:
@@ -139,12 +140,7 @@ def remove_stale_temporaries(save: str) -> list[Path]:
     return atomic_io.remove_temporaries(atomic_io.temporaries(save, "iter_*"))
 
 
-def _check_model_matches(directory: Path, common: dict, arch: ModelArch, padded_vocab_size: int) -> None:
-    saved = common.get("model_arch")
-    if saved is not None and saved != arch_to_dict(arch):
-        diffs = {k: (saved.get(k), v) for k, v in arch_to_dict(arch).items() if saved.get(k) != v}
-        raise ValueError(f"--load {directory}: checkpoint architecture differs from this run's "
-                         f"(field: (checkpoint, run)): {diffs}")
+def _check_padded_vocab(directory: Path, common: dict, padded_vocab_size: int) -> None:
     saved_padded = common.get("padded_vocab_size")
     if saved_padded is not None and saved_padded != padded_vocab_size:
         raise ValueError(
@@ -233,11 +229,14 @@ def load_checkpoint(
         return None
     directory, iteration = found
     common = dist_checkpointing.load_common_state_dict(str(directory))
-    _check_model_matches(directory, common, arch, padded_vocab_size)
+    weights_only = finetune or iteration == RELEASE
+    arch_changes = []
+    if common.get("model_arch") is not None:
+        arch_changes = check_checkpoint_arch(load, common["model_arch"], arch, weights_only)
+    _check_padded_vocab(directory, common, padded_vocab_size)
     # Build the request with the metadata the checkpoint was saved with (Megatron-LM's way);
     # checkpoints from before it was recorded used OPTIMIZER_METADATA.
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or OPTIMIZER_METADATA
-    weights_only = finetune or iteration == RELEASE
     model_state = model.sharded_state_dict()
     request = {"model": model_state}
     if not weights_only:
@@ -253,7 +252,7 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(request, str(directory))
     model.load_state_dict(loaded["model"])
     if weights_only:
-        return LoadedState(iteration=0, consumed_train_samples=0, directory=directory)
+        return LoadedState(iteration=0, consumed_train_samples=0, directory=directory, arch_changes=arch_changes)
     # What was asked for, not what came back: the result also holds the checkpoint's common
     # (non-tensor) state, which has an "optimizer" entry whether or not it was requested.
     if "optimizer" in request:
@@ -265,4 +264,5 @@ def load_checkpoint(
         iteration=int(common["iteration"]),
         consumed_train_samples=int(common["data_position"]["consumed_train_samples"]),
         directory=directory,
+        arch_changes=arch_changes,
     )

@@ -135,6 +135,8 @@ class Trainer:
                 self.iteration, self.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
                 self._print(f"loaded {loaded.directory} (iteration {self.iteration}, "
                             f"{self.consumed_train_samples} samples consumed{', weights only' if args.finetune else ''})")
+                for change in loaded.arch_changes:
+                    self._print(f"context extension: {change} (the checkpoint's setting -> this run's)")
             else:
                 self._print(f"--load {args.load}: no checkpoint yet, starting from scratch")
         self.logger = RunLogger(args, self.iteration) if self.is_logging_rank else None
@@ -170,13 +172,8 @@ class Trainer:
             **overrides,
         )
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, args.make_vocab_size_divisible_by, tp)
-        model = build_gpt_model(
-            arch, self.config, seq_length=args.seq_length,
-            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-            rotary_base=args.rotary_base,
-            rotary_seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
-            rope_scaling_factor=None,  # already folded into arch by the argument resolution
-        )
+        model = build_gpt_model(arch, self.config, seq_length=args.seq_length,
+                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if args.bf16:
