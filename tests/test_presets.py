@@ -19,6 +19,7 @@ import json
 import pytest
 
 from megatron_exact.model.config import PRESETS, RopeScaling, UnsupportedModelError, arch_from_hf_config, get_preset
+from megatron_exact.model.families import LLAMA, QWEN2
 
 LITGPT = "https://github.com/Lightning-AI/litgpt/blob/26857050fe3ff627cd714fe92f5838f51a3d5efa/litgpt/config.py"
 BRIDGE_QWEN = (
@@ -72,13 +73,19 @@ def hf_config_json(name):
         "initializer_range": 0.02,
         "attention_dropout": 0.0,
     }
-    if name.startswith("qwen"):
-        config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", use_sliding_window=False,
-                      sliding_window=max_pos, max_window_layers=layers, rope_scaling=None)
+    family = family_of(name)
+    config.update(architectures=[family.architecture], model_type=family.model_type)
+    if family is QWEN2:
+        config.update(use_sliding_window=False, sliding_window=max_pos, max_window_layers=layers, rope_scaling=None)
     else:
-        config.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_bias=False,
-                      mlp_bias=False, head_dim=hidden // heads, rope_scaling={"rope_type": "llama3", **rope})
+        config.update(attention_bias=False, mlp_bias=False, head_dim=hidden // heads,
+                      rope_scaling={"rope_type": "llama3", **rope})
     return config
+
+
+def family_of(name):
+    """The family a published model belongs to, from its name (not from the preset under test)."""
+    return QWEN2 if name.startswith("qwen2") else LLAMA
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -97,8 +104,8 @@ def test_preset_matches_published_config(name):
     assert arch.norm_epsilon == eps
     assert arch.tie_word_embeddings is tie
     assert arch.kv_channels == hidden // heads
-    assert arch.add_qkv_bias is name.startswith("qwen")
-    assert arch.family == ("qwen2" if name.startswith("qwen") else "llama")
+    assert arch.add_qkv_bias is (family_of(name) is QWEN2)
+    assert arch.family == family_of(name).model_type
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
@@ -114,12 +121,11 @@ def test_hf_config_builder_gives_the_preset(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_transformers_own_config_serialisation_gives_the_preset(name):
     """transformers 5 writes RoPE under ``rope_parameters``; what it saves must read back the same."""
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import AutoConfig
 
     config = hf_config_json(name)
-    config_class = Qwen2Config if config["model_type"] == "qwen2" else LlamaConfig
     fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    assert arch_from_hf_config(config_class(**fields).to_dict()) == PRESETS[name]
+    assert arch_from_hf_config(AutoConfig.for_model(config["model_type"], **fields).to_dict()) == PRESETS[name]
 
 
 def test_tiny_presets_are_valid_small_members_of_their_family():
@@ -127,7 +133,7 @@ def test_tiny_presets_are_valid_small_members_of_their_family():
         arch = get_preset(name)
         assert arch.num_attention_heads % arch.num_query_groups == 0
         assert arch.hidden_size % arch.num_attention_heads == 0
-        assert arch.add_qkv_bias is (arch.family == "qwen2")
+        assert arch.add_qkv_bias is (arch.model_family is QWEN2)
 
 
 def test_unknown_preset_names_the_choices():
@@ -138,14 +144,12 @@ def test_unknown_preset_names_the_choices():
 @pytest.mark.parametrize(
     "change,field",
     [
-        ({"model_type": "mistral"}, "model_type"),
-        ({"model_type": "qwen2_moe", "num_experts": 60}, "model_type"),
+        ({"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
+        ({"model_type": "qwen2_moe", "num_experts": 60}, "model_type 'qwen2_moe' is the mixture-of-experts variant"),
         ({"num_experts": 8}, "num_experts"),
         ({"num_local_experts": 8}, "num_local_experts"),
-        ({"use_sliding_window": True}, "use_sliding_window"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
         ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e6}}, "rope_parameters"),
-        ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
     ],
 )
@@ -164,9 +168,10 @@ def test_linear_rope_scaling_is_position_interpolation(field):
     assert arch_from_hf_config(hf_config_json("qwen2.5-0.5b")).rotary_seq_len_interpolation_factor is None
 
 
-def test_llama_attention_bias_is_refused():
-    with pytest.raises(UnsupportedModelError, match="attention_bias"):
-        arch_from_hf_config({**hf_config_json("llama3.2-1b"), "attention_bias": True})
+@pytest.mark.parametrize("field", ["attention_bias", "mlp_bias"])
+def test_llama_biases_are_refused(field):
+    with pytest.raises(UnsupportedModelError, match=f"{field}=True is not supported for LLaMA-3.x"):
+        arch_from_hf_config({**hf_config_json("llama3.2-1b"), field: True})
 
 
 def test_refusal_names_the_file(tmp_path):

@@ -105,11 +105,18 @@ def arch_to_dict(arch: ModelArch) -> dict:
 
 
 def arch_from_dict(fields: dict) -> ModelArch:
-    """The architecture a checkpoint records (records older than a field get its default)."""
+    """The architecture a checkpoint records (records older than a field get its default; an unknown
+    family is refused by name: ``ModelArch`` checks it)."""
     fields = dict(fields)
+    # Checkpoints written before model families were described recorded the family's QKV bias.
+    recorded_qkv_bias = fields.pop("add_qkv_bias", None)
     if fields.get("rope_scaling") is not None:
         fields["rope_scaling"] = RopeScaling(**fields["rope_scaling"])
-    return ModelArch(**fields)
+    arch = ModelArch(**fields)
+    if recorded_qkv_bias is not None and recorded_qkv_bias != arch.add_qkv_bias:
+        raise ValueError(f"checkpoint records add_qkv_bias={recorded_qkv_bias} for family {arch.family!r}, "
+                         f"whose QKV bias is {arch.add_qkv_bias}")
+    return arch
 
 
 # Fields a continued-pretraining run may change from the weights it starts from (context

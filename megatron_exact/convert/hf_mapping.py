@@ -1,4 +1,4 @@
-"""Parameter names and layouts between HF Qwen2/LLaMA checkpoints and Megatron-Core's GPTModel.
+"""Parameter names and layouts between HF checkpoints and Megatron-Core's GPTModel (every family).
 
 One :class:`ParamMapping` per Megatron parameter (names of the local-spec
 model at TP=1/PP=1, i.e. the full, unsharded tensors) says which HF tensors it
@@ -28,8 +28,6 @@ from typing import Sequence
 import torch
 
 from megatron_exact.model.config import ModelArch, UnsupportedModelError
-
-HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 # How a Megatron tensor is made from its HF tensors.
 COPY = "copy"  # one HF tensor, same layout
@@ -201,8 +199,6 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None
         config.pop(stale, None)
     rope_parameters = hf_rope_parameters(arch)
     config.update(
-        architectures=[HF_ARCHITECTURES[arch.family]],
-        model_type=arch.family,
         num_hidden_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.ffn_hidden_size,
@@ -213,7 +209,6 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None
         max_position_embeddings=arch.max_position_embeddings,
         rms_norm_eps=arch.norm_epsilon,
         tie_word_embeddings=arch.tie_word_embeddings,
-        hidden_act="silu",
         # Both spellings: transformers 5 reads rope_parameters, vLLM and transformers 4 read rope_theta/rope_scaling.
         rope_theta=arch.rotary_base,
         rope_parameters=rope_parameters,
@@ -222,10 +217,7 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype, base: dict | None = None
     )
     if rope_parameters["rope_type"] != "default":
         config["rope_scaling"] = dict(rope_parameters)
-    if arch.family == "llama":
-        config.update(attention_bias=False, mlp_bias=False)
-    else:
-        config.update(use_sliding_window=False, layer_types=["full_attention"] * arch.num_layers)
+    arch.model_family.write_config(config, arch.sliding_window, arch.num_layers)
     return config
 
 

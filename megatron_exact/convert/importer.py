@@ -1,4 +1,4 @@
-"""HF Qwen2/LLaMA directory -> ``torch_dist`` checkpoint the trainer loads with ``--finetune``.
+"""HF directory (any family in ``model/families.py``) -> ``torch_dist`` checkpoint the trainer loads with ``--finetune``.
 
 Runs in one process without a launcher: the model is built at TP=1/PP=1,
 filled one HF tensor at a time (peak memory: the model plus one tensor) and
@@ -125,6 +125,13 @@ def import_hf(
         raise FileNotFoundError(f"--hf-dir {hf_dir} is not a directory")
     arch = arch_from_hf_config(hf_dir)
     validate_parallel_layout(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
+    if arch.sliding_window is not None:
+        print(
+            f"import-hf: note: {hf_dir / 'config.json'} puts a {arch.sliding_window}-token sliding window in effect "
+            f"({arch.model_family.sliding_window_fields}); recorded in the checkpoint: the trainer trains it with "
+            f"full attention only at --seq-length <= {arch.sliding_window} and refuses longer sequences",
+            flush=True,
+        )
     if save.exists():
         raise FileExistsError(f"--save {save} already exists; choose a new directory")
     padded_vocab = padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size)

@@ -49,16 +49,22 @@ class LocalRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
-    """The transformer-layer spec for our dense models (RMSNorm, SwiGLU, GQA, RoPE)."""
+def layer_spec(config: TransformerConfig, use_transformer_engine: Optional[bool] = None) -> ModuleSpec:
+    """The transformer-layer spec for our dense models (RMSNorm, SwiGLU, GQA, RoPE; QK-norm where
+    ``config.qk_layernorm``, Megatron-Core's per-head RMSNorm of q and k before RoPE)."""
     if use_transformer_engine is None:
         use_transformer_engine = has_transformer_engine()
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = PackedDocumentAttention
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = PackedDocumentAttention
+    if config.qk_layernorm:
+        # finalize_model_grads sums q/k-norm gradients over TP (each rank holds other heads).
+        attention.q_layernorm = LocalRMSNorm
+        attention.k_layernorm = LocalRMSNorm
     spec.submodules.input_layernorm = LocalRMSNorm
     spec.submodules.pre_mlp_layernorm = LocalRMSNorm
     return spec
@@ -70,7 +76,7 @@ def block_spec(config: TransformerConfig, use_transformer_engine: Optional[bool]
     Without TE, Megatron-Core would pick ``WrappedTorchNorm`` for the final norm
     of a bare layer spec, which cannot run with sequence parallelism.
     """
-    spec = layer_spec(use_transformer_engine)
+    spec = layer_spec(config, use_transformer_engine)
     if use_transformer_engine or (use_transformer_engine is None and has_transformer_engine()):
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=LocalRMSNorm)
@@ -108,6 +114,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=0.02,

@@ -1,10 +1,10 @@
 """Model architectures: named presets and a builder from a local HF ``config.json``.
 
-Only the two dense families the project trains are supported: Qwen2/Qwen2.5
-(QKV bias, RMSNorm, SwiGLU, GQA, RoPE) and LLaMA-3.x (the same without QKV
-bias, with "llama3" RoPE scaling). Everything here is plain data: turning an
-architecture into a Megatron-Core ``TransformerConfig``/``GPTModel`` lives in
-:mod:`megatron_exact.model.builder`.
+The dense families the project trains (RMSNorm, SwiGLU, GQA, RoPE) are
+described in :mod:`megatron_exact.model.families` (QKV bias, QK-norm, fields
+each refuses); this module reads a ``config.json`` through those descriptions.
+Everything here is plain data: turning an architecture into a Megatron-Core
+``TransformerConfig``/``GPTModel`` lives in :mod:`megatron_exact.model.builder`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,16 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from megatron_exact.errors import UserError
+from megatron_exact.model.families import (
+    LLAMA,
+    MOE_FIELDS,
+    QWEN2,
+    ModelFamily,
+    UnsupportedModelError,
+    get_family,
+)
+
+__all__ = ["PRESETS", "ModelArch", "RopeScaling", "UnsupportedModelError", "arch_from_hf_config", "get_preset"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +40,7 @@ class RopeScaling:
 class ModelArch:
     """Architecture of a dense decoder-only model, in HF terms."""
 
-    family: str  # "qwen2" or "llama"
+    family: str  # the HF model_type of a family in megatron_exact.model.families
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -42,12 +51,29 @@ class ModelArch:
     rotary_base: float
     norm_epsilon: float
     tie_word_embeddings: bool
-    add_qkv_bias: bool
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
     # RoPE beyond rotary_base: llama3 frequency scaling, and linear position interpolation
     # (positions divided by the factor; HF's rope_type "linear"). Both are context extension.
     rope_scaling: Optional[RopeScaling] = None
     rotary_seq_len_interpolation_factor: Optional[float] = None
+    # The HF config's attention window, where one is in effect. The Megatron model attends to the
+    # whole document, which equals the window only up to it: the trainer requires --seq-length <= it.
+    sliding_window: Optional[int] = None
+
+    def __post_init__(self):
+        get_family(self.family)  # an unknown family is refused by name, wherever the record comes from
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return get_family(self.family)
+
+    @property
+    def add_qkv_bias(self) -> bool:
+        return self.model_family.add_qkv_bias
+
+    @property
+    def qk_layernorm(self) -> bool:
+        return self.model_family.qk_layernorm
 
     @property
     def kv_channels(self) -> int:
@@ -59,19 +85,19 @@ class ModelArch:
 
 def _qwen25(layers, hidden, ffn, heads, groups, max_pos, tie, vocab=151936) -> ModelArch:
     return ModelArch(
-        family="qwen2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        family=QWEN2.model_type, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
         num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab,
         max_position_embeddings=max_pos, rotary_base=1000000.0, norm_epsilon=1e-6,
-        tie_word_embeddings=tie, add_qkv_bias=True,
+        tie_word_embeddings=tie,
     )
 
 
 def _llama3(layers, hidden, ffn, heads, groups, tie, rope_factor) -> ModelArch:
     return ModelArch(
-        family="llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        family=LLAMA.model_type, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
         num_attention_heads=heads, num_query_groups=groups, vocab_size=128256,
         max_position_embeddings=131072, rotary_base=500000.0, norm_epsilon=1e-5,
-        tie_word_embeddings=tie, add_qkv_bias=False, rope_scaling=RopeScaling(factor=rope_factor),
+        tie_word_embeddings=tie, rope_scaling=RopeScaling(factor=rope_factor),
     )
 
 
@@ -85,23 +111,17 @@ PRESETS: dict[str, ModelArch] = {
     "llama3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, rope_factor=8.0),
     # Tiny models for tests and the CPU quickstart: same families, toy sizes.
     "tiny-qwen2": ModelArch(
-        family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        family=QWEN2.model_type, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=10000.0,
-        norm_epsilon=1e-6, tie_word_embeddings=True, add_qkv_bias=True,
+        norm_epsilon=1e-6, tie_word_embeddings=True,
     ),
     "tiny-llama3": ModelArch(
-        family="llama", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        family=LLAMA.model_type, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=500000.0,
-        norm_epsilon=1e-5, tie_word_embeddings=False, add_qkv_bias=False,
+        norm_epsilon=1e-5, tie_word_embeddings=False,
         rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=1024),
     ),
 }
-
-_SUPPORTED_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama"}
-
-
-class UnsupportedModelError(UserError, ValueError):
-    """The HF config describes something this project does not implement."""
 
 
 def get_preset(name: str) -> ModelArch:
@@ -115,8 +135,11 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     """Architecture from a HF ``config.json`` (a dict, the file, or its directory).
 
     Refuses, with a message naming the field, anything the Megatron model would
-    silently compute differently: other architectures, MoE, sliding-window
-    attention, RoPE scaling types other than "llama3" and "linear", MLP biases.
+    silently compute differently: families without a description, MoE, RoPE
+    scaling types other than "llama3" and "linear", and each family's own
+    refusals (:meth:`ModelFamily.check_config`). A sliding window in effect is
+    recorded (``sliding_window``): whether it equals full attention depends on
+    the training sequence length, which the trainer checks.
     """
     source = "config"
     if not isinstance(config, dict):
@@ -131,21 +154,18 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     def fail(msg):
         raise UnsupportedModelError(f"{source}: {msg}")
 
-    model_type = config.get("model_type")
-    if model_type not in _SUPPORTED_MODEL_TYPES:
-        fail(f"model_type {model_type!r} is not supported (supported: qwen2, llama)")
-    family = _SUPPORTED_MODEL_TYPES[model_type]
-    for moe_field in ("num_experts", "num_local_experts"):
+    try:
+        family = get_family(config.get("model_type"))
+    except UnsupportedModelError as err:
+        fail(str(err))
+    for moe_field in MOE_FIELDS:
         if config.get(moe_field):
             fail(f"mixture-of-experts models ({moe_field}={config[moe_field]}) are not supported")
-    if config.get("use_sliding_window"):
-        fail("sliding-window attention (use_sliding_window=true) is not supported")
-    if config.get("mlp_bias"):
-        fail("mlp_bias=true is not supported")
-    if config.get("hidden_act", "silu") != "silu":
-        fail(f"hidden_act {config['hidden_act']!r} is not supported (only silu/SwiGLU)")
-    if family == "llama" and config.get("attention_bias"):
-        fail("attention_bias=true is not supported for llama")
+    family.check_config(config, fail)
+    window = family.sliding_window(config, config["num_hidden_layers"])
+    if window is not None and window[1] is None:
+        fail(f"{window[0]} asks for sliding-window attention but gives no window (sliding_window, "
+             "use_sliding_window): not supported")
 
     rope_theta = config.get("rope_theta")
     rope_scaling = interpolation = None
@@ -174,7 +194,7 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     if head_dim == config["hidden_size"] // heads:
         head_dim = None
     return ModelArch(
-        family=family,
+        family=family.model_type,
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],
         ffn_hidden_size=config["intermediate_size"],
@@ -185,8 +205,8 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         rotary_base=float(rope_theta if rope_theta is not None else 10000.0),
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        add_qkv_bias=family == "qwen2",
         head_dim=head_dim,
         rope_scaling=rope_scaling,
         rotary_seq_len_interpolation_factor=interpolation,
+        sliding_window=None if window is None else int(window[1]),
     )

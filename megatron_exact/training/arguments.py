@@ -359,6 +359,21 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
             "the original limit were never trained",
             ConfigWarning,
         )
+    if arch.sliding_window is not None:
+        window, fields = arch.sliding_window, arch.model_family.sliding_window_fields
+        source = f"--hf-config {args.hf_config}" if args.hf_config else f"--model {args.model}"
+        if window < args.seq_length:
+            raise ConfigError(
+                f"{source}: sliding-window attention ({fields}: a {window}-token window) is not supported: the "
+                f"model here attends to the whole document, which equals the window only up to {window} tokens, "
+                f"and --seq-length is {args.seq_length}. Use --seq-length <= {window}, or a config.json without "
+                "the window"
+            )
+        warnings.warn(
+            f"{source}: the config's {window}-token sliding window ({fields}) covers --seq-length "
+            f"{args.seq_length}: training with full attention, which is the same for sequences this long",
+            ConfigWarning,
+        )
     if args.rotary_seq_len_interpolation_factor is not None and args.rotary_seq_len_interpolation_factor < 1:
         raise ConfigError(f"--rotary-seq-len-interpolation-factor must be >= 1, got "
                           f"{args.rotary_seq_len_interpolation_factor}")

@@ -24,8 +24,7 @@ def run_import(hf_dir, save, *extra):
 
 
 CONFIG_CASES = {
-    "other architecture": (lambda c: c.update(model_type="mistral"), "model_type 'mistral' is not supported"),
-    "sliding window": (lambda c: c.update(use_sliding_window=True, sliding_window=64), "sliding-window attention"),
+    "other architecture": (lambda c: c.update(model_type="gemma2"), "model_type 'gemma2' is not supported"),
     "mixture of experts": (lambda c: c.update(num_experts=4), "mixture-of-experts"),
     "rope type": (
         lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}),

@@ -8,19 +8,21 @@ swapped norm or a misplaced bias: every parameter is redrawn at random here.
 
 import torch
 
+from megatron_exact.model.families import LLAMA, QWEN2
+
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
 )
-# name -> (family, config overrides, save dtype, max_shard_size)
+# name -> (family description, config overrides, save dtype, max_shard_size)
 MODELS = {
     # GQA, QKV bias, tied embeddings, vocabulary needing padding (300 -> 384), sharded safetensors.
-    "qwen2-tied": ("qwen2", dict(vocab_size=300, tie_word_embeddings=True), torch.float32, "100KB"),
+    "qwen2-tied": (QWEN2, dict(vocab_size=300, tie_word_embeddings=True), torch.float32, "100KB"),
     # Untied output layer, stored in bf16 (the checkpoint stays bf16, the export too).
-    "qwen2-untied": ("qwen2", dict(vocab_size=200, tie_word_embeddings=False), torch.bfloat16, None),
+    "qwen2-untied": (QWEN2, dict(vocab_size=200, tie_word_embeddings=False), torch.bfloat16, None),
     # llama3 RoPE scaling with a short original length, so scaling changes most frequencies.
     "llama3": (
-        "llama",
+        LLAMA,
         dict(
             vocab_size=256, tie_word_embeddings=False, rope_theta=500000.0,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -33,11 +35,11 @@ MODELS = {
 
 
 def hf_config(name, **changes):
-    from transformers import LlamaConfig, Qwen2Config
+    """transformers' own config class for the family of ``name`` (found by its ``model_type``)."""
+    from transformers import AutoConfig
 
     family, overrides, _, _ = MODELS[name]
-    config_class = Qwen2Config if family == "qwen2" else LlamaConfig
-    return config_class(**{**COMMON, **overrides, **changes})
+    return AutoConfig.for_model(family.model_type, **{**COMMON, **overrides, **changes})
 
 
 def build_hf_model(config, seed=0):

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from megatron_exact.model.config import ModelArch
+from megatron_exact.model.families import QWEN2
 from megatron_exact.model.packing import document_lengths
 from megatron_exact.training.logging import model_flops, non_embedding_parameters, throughput
 
 # d = 8, 2 query heads of 4 channels, 1 key/value group, SwiGLU of 12, 2 layers, QKV bias, 16 tokens.
-ARCH = ModelArch(family="qwen2", num_layers=2, hidden_size=8, ffn_hidden_size=12, num_attention_heads=2,
+ARCH = ModelArch(family=QWEN2.model_type, num_layers=2, hidden_size=8, ffn_hidden_size=12, num_attention_heads=2,
                  num_query_groups=1, vocab_size=16, max_position_embeddings=64, rotary_base=10000.0,
-                 norm_epsilon=1e-6, tie_word_embeddings=True, add_qkv_bias=True)
+                 norm_epsilon=1e-6, tie_word_embeddings=True)
 
 
 def hand_count_parameters() -> int:
