@@ -18,7 +18,7 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "checkpoint_names"
-PRESETS_WITH_FIXTURES = ("tiny-qwen2", "tiny-llama3")
+PRESETS_WITH_FIXTURES = ("tiny-qwen2", "tiny-llama3", "tiny-qwen3")
 
 # Megatron-side parameter names of Megatron-Bridge's Qwen2 <-> HF map (a TE-spec model), layer
 # wildcards folded as in stacked distributed checkpoints:
@@ -34,6 +34,13 @@ BRIDGE_QWEN2_MEGATRON_NAMES = [
     "decoder.layers.self_attention.linear_qkv.weight",
     "decoder.layers.self_attention.linear_qkv.bias",
     "decoder.layers.mlp.linear_fc1.weight",
+]
+
+# Megatron-Bridge's Qwen3 map adds the QK-norm weights to those (no QKV bias):
+# https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/067f987df03b8355b03192d88d70f1709fedf51a/src/megatron/bridge/models/qwen/qwen3_bridge.py
+BRIDGE_QWEN3_QK_NORM_NAMES = [
+    "decoder.layers.self_attention.q_layernorm.weight",
+    "decoder.layers.self_attention.k_layernorm.weight",
 ]
 
 
@@ -74,6 +81,20 @@ def test_bridge_parameter_names_are_in_the_fixture():
     for keys in (qwen, llama):
         extras = {k for k in keys if k not in BRIDGE_QWEN2_MEGATRON_NAMES}
         assert all(k.endswith("._extra_state") for k in extras), extras
+
+
+def test_bridge_qk_norm_names_are_in_the_qwen3_fixture():
+    qwen3, qwen2 = fixture_keys("tiny-qwen3"), fixture_keys("tiny-qwen2")
+    from megatron_exact.model.config import get_preset
+
+    arch = get_preset("tiny-qwen3")
+    for key in BRIDGE_QWEN3_QK_NORM_NAMES:
+        assert qwen3[key] == [arch.num_layers, arch.kv_channels]  # one weight per layer, over one head
+        assert key not in qwen2
+    # Qwen3: the Qwen2 parameters without the QKV bias, plus the QK-norm weights.
+    params = {k for k in qwen3 if not k.endswith("._extra_state")}
+    expected = set(BRIDGE_QWEN2_MEGATRON_NAMES) - {"decoder.layers.self_attention.linear_qkv.bias", "output_layer.weight"}
+    assert params == expected | set(BRIDGE_QWEN3_QK_NORM_NAMES)
 
 
 @pytest.mark.parametrize("name", PRESETS_WITH_FIXTURES)

@@ -11,7 +11,10 @@ produce, so checkpoints move between the two.
 Layouts:
 - QKV: Megatron fuses ``q_proj``/``k_proj``/``v_proj`` per query group: for
   each KV group ``g`` the rows are ``[q heads of g, k_g, v_g]`` (weight and,
-  for Qwen2, bias).
+  for families with QKV bias, bias).
+- QK-norm (Qwen3): ``self_attn.q_norm``/``k_norm`` (one RMSNorm weight of
+  ``head_dim`` shared by all heads) are Megatron-Core's
+  ``self_attention.q_layernorm``/``k_layernorm``, as in Megatron-Bridge's Qwen3 map.
 - SwiGLU: ``linear_fc1`` is ``cat([gate_proj, up_proj])`` along rows.
 - Vocabulary: Megatron pads the embedding (and untied output layer) rows to
   ``padded_vocab_size``; padded rows are zero on import and dropped on export.
@@ -65,6 +68,9 @@ def param_mappings(arch: ModelArch) -> list[ParamMapping]:
                     QKV,
                 )
             )
+        if arch.qk_layernorm:
+            maps.append(ParamMapping(mc + "self_attention.q_layernorm.weight", (attn + "q_norm.weight",), COPY))
+            maps.append(ParamMapping(mc + "self_attention.k_layernorm.weight", (attn + "k_norm.weight",), COPY))
         maps.append(ParamMapping(mc + "self_attention.linear_proj.weight", (attn + "o_proj.weight",), COPY))
         maps.append(ParamMapping(mc + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",), COPY))
         maps.append(
@@ -144,6 +150,8 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
                 p + "mlp.down_proj.weight": (hidden, arch.ffn_hidden_size),
             }
         )
+        if arch.qk_layernorm:
+            shapes.update({p + "self_attn.q_norm.weight": (head_dim,), p + "self_attn.k_norm.weight": (head_dim,)})
         if arch.add_qkv_bias:
             shapes.update(
                 {

@@ -18,6 +18,7 @@ from megatron_exact.model.families import (
     LLAMA,
     MOE_FIELDS,
     QWEN2,
+    QWEN3,
     ModelFamily,
     UnsupportedModelError,
     get_family,
@@ -62,6 +63,8 @@ class ModelArch:
 
     def __post_init__(self):
         get_family(self.family)  # an unknown family is refused by name, wherever the record comes from
+        if self.head_dim is not None and self.head_dim == self.hidden_size // self.num_attention_heads:
+            object.__setattr__(self, "head_dim", None)  # one spelling of the default, so that equal archs compare equal
 
     @property
     def model_family(self) -> ModelFamily:
@@ -101,6 +104,14 @@ def _llama3(layers, hidden, ffn, heads, groups, tie, rope_factor) -> ModelArch:
     )
 
 
+def _qwen3(layers, hidden, ffn, heads, tie) -> ModelArch:
+    return ModelArch(
+        family=QWEN3.model_type, num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=heads, num_query_groups=8, vocab_size=151936, max_position_embeddings=40960,
+        rotary_base=1000000.0, norm_epsilon=1e-6, tie_word_embeddings=tie, head_dim=128,
+    )
+
+
 PRESETS: dict[str, ModelArch] = {
     "qwen2.5-0.5b": _qwen25(24, 896, 4864, 14, 2, 32768, tie=True),
     "qwen2.5-1.5b": _qwen25(28, 1536, 8960, 12, 2, 131072, tie=True),
@@ -109,6 +120,10 @@ PRESETS: dict[str, ModelArch] = {
     "llama3.2-1b": _llama3(16, 2048, 8192, 32, 8, tie=True, rope_factor=32.0),
     "llama3.2-3b": _llama3(28, 3072, 8192, 24, 8, tie=True, rope_factor=32.0),
     "llama3.1-8b": _llama3(32, 4096, 14336, 32, 8, tie=False, rope_factor=8.0),
+    "qwen3-0.6b": _qwen3(28, 1024, 3072, 16, tie=True),
+    "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, tie=True),
+    "qwen3-4b": _qwen3(36, 2560, 9728, 32, tie=True),
+    "qwen3-8b": _qwen3(36, 4096, 12288, 32, tie=False),
     # Tiny models for tests and the CPU quickstart: same families, toy sizes.
     "tiny-qwen2": ModelArch(
         family=QWEN2.model_type, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
@@ -120,6 +135,12 @@ PRESETS: dict[str, ModelArch] = {
         num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=500000.0,
         norm_epsilon=1e-5, tie_word_embeddings=False,
         rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=1024),
+    ),
+    # QK-norm and a head_dim (32) other than hidden_size / heads (16), as in Qwen3-0.6B.
+    "tiny-qwen3": ModelArch(
+        family=QWEN3.model_type, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        num_query_groups=2, vocab_size=256, max_position_embeddings=4096, rotary_base=1000000.0,
+        norm_epsilon=1e-6, tie_word_embeddings=True, head_dim=32,
     ),
 }
 
@@ -190,9 +211,6 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
     elif rope_type != "default":
         fail(f"{scaling_field} type {rope_type!r} is not supported (only 'llama3' and 'linear')")
     heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim")
-    if head_dim == config["hidden_size"] // heads:
-        head_dim = None
     return ModelArch(
         family=family.model_type,
         num_layers=config["num_hidden_layers"],
@@ -205,7 +223,7 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         rotary_base=float(rope_theta if rope_theta is not None else 10000.0),
         norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        head_dim=head_dim,
+        head_dim=config.get("head_dim"),
         rope_scaling=rope_scaling,
         rotary_seq_len_interpolation_factor=interpolation,
         sliding_window=None if window is None else int(window[1]),

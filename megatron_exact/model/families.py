@@ -148,7 +148,21 @@ LLAMA = ModelFamily(
     qk_layernorm=False,
     fixed_fields=MappingProxyType({"attention_bias": False, "mlp_bias": False}),
 )
-FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.model_type: f for f in (QWEN2, LLAMA)})
+QWEN3 = ModelFamily(
+    model_type="qwen3",
+    architecture="Qwen3ForCausalLM",
+    title="Qwen3",
+    add_qkv_bias=False,
+    qk_layernorm=True,
+    fixed_fields=MappingProxyType({"attention_bias": False}),
+    # transformers' Qwen3Config defaults head_dim to 128, not hidden_size // num_attention_heads.
+    required_fields=("head_dim",),
+    moe_model_types=("qwen3_moe",),
+    sliding_window=_qwen_window,
+    write_sliding_window=_write_qwen_window,
+    sliding_window_fields="use_sliding_window/layer_types (window: sliding_window)",
+)
+FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.model_type: f for f in (QWEN2, LLAMA, QWEN3)})
 
 
 def supported() -> str:

@@ -34,7 +34,7 @@ def non_embedding_parameters(arch: ModelArch) -> int:
     if arch.add_qkv_bias:
         attention += heads * head_dim + 2 * groups * head_dim
     mlp = 3 * d * arch.ffn_hidden_size
-    norms = 2 * d
+    norms = 2 * d + (2 * head_dim if arch.qk_layernorm else 0)
     return arch.num_layers * (attention + mlp + norms) + d  # + final norm
 
 

@@ -8,7 +8,7 @@ swapped norm or a misplaced bias: every parameter is redrawn at random here.
 
 import torch
 
-from megatron_exact.model.families import LLAMA, QWEN2
+from megatron_exact.model.families import LLAMA, QWEN2, QWEN3
 
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -31,6 +31,11 @@ MODELS = {
         torch.float32,
         None,
     ),
+    # QK-norm; tied, with a head_dim (32) other than hidden_size / heads (16); vocabulary padded 320 -> 384.
+    "qwen3-tied": (QWEN3, dict(vocab_size=320, tie_word_embeddings=True, head_dim=32), torch.float32, None),
+    # QK-norm, untied output layer, head_dim = hidden_size / heads.
+    "qwen3-untied": (QWEN3, dict(vocab_size=256, tie_word_embeddings=False, head_dim=16, rope_theta=1000000.0),
+                     torch.float32, None),
 }
 
 

@@ -1,8 +1,8 @@
-"""One optimizer step of a tiny Qwen2-style model under several parallel layouts, for equivalence tests.
+"""One optimizer step of a tiny model (a preset) under several parallel layouts, for equivalence tests.
 
 Driven by tests/parallel/test_layouts.py; also runnable by hand:
 
-    python tests/parallel/layout_run.py reference --workdir /tmp/lay
+    python tests/parallel/layout_run.py reference --workdir /tmp/lay [--preset tiny-qwen3]
     python -m torch.distributed.run --nproc-per-node=2 tests/parallel/layout_run.py layouts --workdir /tmp/lay
 
 ``reference`` (one process, DP=1, 4 micro-batches) builds the model from a
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from megatron_exact.platform.distributed import destroy_model_parallel, initialize_model_parallel  # noqa: E402
 
-PRESET = "tiny-qwen2"  # GQA, QKV bias, tied embeddings
+PRESET = "tiny-qwen2"  # default: GQA, QKV bias, tied embeddings
 SEQ_LENGTH = 256
 GLOBAL_BATCH = 4  # samples of SEQ_LENGTH tokens, one per micro-batch at DP=1
 TAU = 32  # tail buckets [32, 64), [64, 128), [128, 256)
@@ -83,11 +83,11 @@ def global_batch() -> list[dict]:
     return samples
 
 
-def build_model(tp: int, pp: int, cp: int, sp: bool):
+def build_model(preset: str, tp: int, pp: int, cp: int, sp: bool):
     from megatron_exact.model.builder import build_gpt_model, transformer_config
     from megatron_exact.model.config import get_preset
 
-    arch = get_preset(PRESET)
+    arch = get_preset(preset)
     config = transformer_config(
         arch, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, sequence_parallel=sp
     )
@@ -117,7 +117,7 @@ def save_gradients(ddp_model, directory: Path) -> None:
             param.data = data
 
 
-def run_step(name: str, layout: tuple, workdir: Path) -> None:
+def run_step(name: str, layout: tuple, workdir: Path, preset: str, objective_names) -> None:
     """Every objective for one layout: loss statistics -> results/, finalized gradients -> grads/."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -128,7 +128,7 @@ def run_step(name: str, layout: tuple, workdir: Path) -> None:
 
     tp, pp, cp, sp = layout
     initialize_model_parallel(tp, pp, cp, seed=SEED)
-    model, config = build_model(tp, pp, cp, sp)
+    model, config = build_model(preset, tp, pp, cp, sp)
     weights_dir = workdir / "weights"
     if name == "reference":
         if torch.distributed.get_rank() == 0:
@@ -167,6 +167,8 @@ def run_step(name: str, layout: tuple, workdir: Path) -> None:
         and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
     )
     for objective, exact_config in objectives().items():
+        if objective not in objective_names:
+            continue
         started = time.perf_counter()
         ddp.zero_grad_buffer()
         loss = ExactLoss(exact_config, SEQ_LENGTH)
@@ -203,10 +205,10 @@ def run_step(name: str, layout: tuple, workdir: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
-def compare_gradients(workdir: Path) -> None:
+def compare_gradients(workdir: Path, preset: str) -> None:
     """Load every run's gradients unsharded (TP=PP=CP=1) and write their relative differences to the reference."""
     initialize_model_parallel(1, 1, 1, seed=SEED)
-    model, _ = build_model(1, 1, 1, False)
+    model, _ = build_model(preset, 1, 1, 1, False)
     grads_root = workdir / "grads"
     runs = sorted(path.name for path in grads_root.iterdir())
     references = {name.split("-", 1)[1]: load_unsharded(model, grads_root / name) for name in runs if name.startswith("reference-")}
@@ -227,6 +229,7 @@ def compare_gradients(workdir: Path) -> None:
             "max_relative_grad_diff": worst,
             "worst_parameter": worst_key,
             "grad_norm": float(torch.stack([g.double().norm() for g in grads.values()]).norm()),
+            "parameters": sorted(reference),
         }
     if torch.distributed.get_rank() == 0:
         (workdir / "comparison.json").write_text(json.dumps(comparison, indent=1))
@@ -240,14 +243,16 @@ def main() -> None:
     parser.add_argument("mode", choices=("reference", "layouts"))
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--preset", default=PRESET)
+    parser.add_argument("--objectives", nargs="*", default=list(objectives()), choices=list(objectives()))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.mode == "reference":
-        run_step("reference", (1, 1, 1, False), args.workdir)
+        run_step("reference", (1, 1, 1, False), args.workdir, args.preset, args.objectives)
     else:
         for name in args.layouts:
-            run_step(name, LAYOUTS[name], args.workdir)
-        compare_gradients(args.workdir)
+            run_step(name, LAYOUTS[name], args.workdir, args.preset, args.objectives)
+        compare_gradients(args.workdir, args.preset)
     destroy_model_parallel()
 
 

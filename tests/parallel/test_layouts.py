@@ -11,7 +11,8 @@ Documents have random odd lengths, so the CP and SP padding paths run.
 
 This also covers the foundation's acceptance (issue 2): a tiny Qwen2-style
 model (GQA, QKV bias, tied embeddings) gives the same loss with TP=1/2,
-PP=1/2 and CP=1/2.
+PP=1/2 and CP=1/2; and a tiny Qwen3 (QK-norm) gives the reference loss and
+gradients with TP=2, TP=2 with sequence parallelism and CP=2.
 """
 
 import json
@@ -37,6 +38,33 @@ def workdir(tmp_path_factory):
     run_checked([sys.executable, HARNESS, "reference", "--workdir", directory], timeout=300)
     run_checked(torchrun_command(HARNESS, "layouts", "--workdir", directory, "--layouts", *LAYOUTS), timeout=600)
     return directory
+
+
+# Qwen3 (QK-norm, explicit head_dim, no QKV bias): the QK-norm weights' gradients are summed over TP by
+# Megatron-Core's finalize_model_grads (each TP rank holds other heads), with and without SP.
+QWEN3_LAYOUTS = ("tp2", "tp2sp", "cp2")
+
+
+@pytest.fixture(scope="module")
+def qwen3_workdir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("layouts_qwen3")
+    common = ["--workdir", directory, "--preset", "tiny-qwen3", "--objectives", "exact"]
+    run_checked([sys.executable, HARNESS, "reference", *common], timeout=300)
+    run_checked(torchrun_command(HARNESS, "layouts", *common, "--layouts", *QWEN3_LAYOUTS), timeout=600)
+    return directory
+
+
+@pytest.mark.parametrize("layout", QWEN3_LAYOUTS)
+def test_qwen3_layout_gives_reference_loss_and_gradients(qwen3_workdir, layout):
+    reference, stats = _stats(qwen3_workdir, "reference-exact"), _stats(qwen3_workdir, f"{layout}-exact")
+    assert stats["tokens"] == reference["tokens"]
+    assert stats["objective"] == pytest.approx(reference["objective"], rel=TOLERANCE)
+    assert stats["lm_loss"] == pytest.approx(reference["lm_loss"], rel=TOLERANCE)
+    result = json.loads((qwen3_workdir / "comparison.json").read_text())[f"{layout}-exact"]
+    assert "decoder.layers.0.self_attention.q_layernorm.weight" in result["parameters"]
+    assert "decoder.layers.1.self_attention.k_layernorm.weight" in result["parameters"]
+    assert result["grad_norm"] > 0
+    assert result["max_relative_grad_diff"] <= TOLERANCE, result
 
 
 def _stats(workdir, run):

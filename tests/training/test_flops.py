@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_exact.model.config import ModelArch
-from megatron_exact.model.families import QWEN2
+from megatron_exact.model.families import QWEN2, QWEN3
 from megatron_exact.model.packing import document_lengths
 from megatron_exact.training.logging import model_flops, non_embedding_parameters, throughput
 
@@ -39,6 +39,18 @@ def test_non_embedding_parameters_by_hand_and_in_megatrons_model(single_process_
     model = build_gpt_model(ARCH, transformer_config(ARCH), seq_length=16, make_vocab_size_divisible_by=16)
     embedding = model.embedding.word_embeddings.weight.numel()
     assert sum(p.numel() for p in model.parameters()) - embedding == 1032
+
+
+
+def test_qk_norm_parameters_are_counted(single_process_group):
+    """QK-norm adds one head-sized weight for q and one for k per layer; no QKV bias (1032 - 2 * 16)."""
+    from megatron_exact.model.builder import build_gpt_model, transformer_config
+
+    arch = ARCH.replace(family=QWEN3.model_type)
+    assert non_embedding_parameters(arch) == 1032 - 2 * 16 + 2 * (4 + 4)
+    model = build_gpt_model(arch, transformer_config(arch), seq_length=16, make_vocab_size_divisible_by=16)
+    embedding = model.embedding.word_embeddings.weight.numel()
+    assert sum(p.numel() for p in model.parameters()) - embedding == non_embedding_parameters(arch)
 
 
 def test_step_flops_and_mfu_by_hand():
