@@ -10,9 +10,11 @@ Reference values are transcribed from independent public sources (not imported):
 * BRIDGE_QWEN: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/fb8a4d6bffdc62ddcd78fc520a4304353d52aca1/src/megatron/bridge/models/qwen/qwen_provider.py
 * BRIDGE_QWEN3: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/53f91f2283278a73b9d135b37f3f1af8727f2db3/src/megatron/bridge/models/qwen/qwen_provider.py
   (Qwen3ModelProvider600M/1P7B/4B/8B: ``kv_channels`` 128, ``qk_layernorm``)
+* BRIDGE_MISTRAL: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/067f987df03b8355b03192d88d70f1709fedf51a/src/megatron/bridge/models/mistral/mistral_provider.py
+  (MistralModelProvider: the 7B v0.3 sizes, no sliding window, untied)
 * BRIDGE_LLAMA: https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/2afd2d34f7d7b2e84095af1a7fd7244902189ebc/src/megatron/bridge/models/llama/llama_provider.py
   (tie flags: ``share_embeddings_and_output_weights`` of Qwen25ModelProvider500M/1P5B/3B/7B,
-  Llama32ModelProvider1B/3B, Llama31ModelProvider8B, Qwen3ModelProvider*; litgpt does not record them).
+  Llama32ModelProvider1B/3B, Llama31ModelProvider8B, Qwen3ModelProvider*, MistralModelProvider; litgpt does not record them).
 """
 
 import dataclasses
@@ -22,7 +24,7 @@ import re
 import pytest
 
 from megatron_exact.model.config import PRESETS, RopeScaling, UnsupportedModelError, arch_from_hf_config, get_preset
-from megatron_exact.model.families import LLAMA, QWEN2, QWEN3
+from megatron_exact.model.families import LLAMA, MISTRAL, QWEN2, QWEN3
 
 LITGPT = "https://github.com/Lightning-AI/litgpt/blob/26857050fe3ff627cd714fe92f5838f51a3d5efa/litgpt/config.py"
 BRIDGE_QWEN = (
@@ -32,6 +34,10 @@ BRIDGE_QWEN = (
 BRIDGE_QWEN3 = (
     "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/53f91f2283278a73b9d135b37f3f1af8727f2db3"
     "/src/megatron/bridge/models/qwen/qwen_provider.py"
+)
+BRIDGE_MISTRAL = (
+    "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/067f987df03b8355b03192d88d70f1709fedf51a"
+    "/src/megatron/bridge/models/mistral/mistral_provider.py"
 )
 BRIDGE_LLAMA = (
     "https://github.com/NVIDIA-NeMo/Megatron-Bridge/blob/2afd2d34f7d7b2e84095af1a7fd7244902189ebc"
@@ -66,6 +72,9 @@ REFERENCE = {
                  LITGPT + " (Qwen3-4B{})", BRIDGE_QWEN3 + " (Qwen3ModelProvider4B)"),
     "qwen3-8b": (QWEN3, 4096, 36, 32, 8, 12288, 151936, 40960, 1000000.0, None, 1e-6, False,
                  LITGPT + " (Qwen3-8B{})", BRIDGE_QWEN3 + " (Qwen3ModelProvider8B: Qwen3ModelProvider default)"),
+    "mistral-7b-v0.3": (MISTRAL, 4096, 32, 32, 8, 14336, 32768, 32768, 1000000.0, None, 1e-5, False,
+                        LITGPT + " (Mistral-7B-v0.3, n_embd default 4096, n_head default 32)",
+                        BRIDGE_MISTRAL + " (MistralModelProvider)"),
 }
 # Explicit head sizes (litgpt's head_size, which defaults to n_embd // n_head; Bridge's kv_channels = 128 for Qwen3).
 HEAD_DIM = {"qwen3-0.6b": 128, "qwen3-1.7b": 128, "qwen3-4b": 128, "qwen3-8b": 128}
@@ -101,6 +110,8 @@ def hf_config_json(name):
     elif family is QWEN3:
         config.update(attention_bias=False, head_dim=HEAD_DIM[name], use_sliding_window=False, sliding_window=None,
                       max_window_layers=layers, rope_scaling=None)
+    elif family is MISTRAL:
+        config.update(sliding_window=None, bos_token_id=1, eos_token_id=2)
     return config
 
 
@@ -162,7 +173,8 @@ def test_unknown_preset_names_the_choices():
     "change,field",
     [
         ({"model_type": "gemma2"}, "model_type 'gemma2' is not supported"),
-        ({"model_type": "qwen2_moe", "num_experts": 60}, "model_type 'qwen2_moe' is the mixture-of-experts variant"),
+        ({"model_type": QWEN2.moe_model_types[0], "num_experts": 60},
+         f"model_type '{QWEN2.moe_model_types[0]}' is the mixture-of-experts variant"),
         ({"num_experts": 8}, "num_experts"),
         ({"num_local_experts": 8}, "num_local_experts"),
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
@@ -211,8 +223,8 @@ def test_non_default_llama3_rope_values_are_kept():
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"model_type": "qwen3_moe", "num_experts": 128, "moe_intermediate_size": 768},
-         "model_type 'qwen3_moe' is the mixture-of-experts variant of Qwen3: only dense models are supported"),
+        ({"model_type": QWEN3.moe_model_types[0], "num_experts": 128, "moe_intermediate_size": 768},
+         f"model_type '{QWEN3.moe_model_types[0]}' is the mixture-of-experts variant of Qwen3: only dense models"),
         ({"num_experts": 128}, "mixture-of-experts models (num_experts=128) are not supported"),
         ({"attention_bias": True}, "attention_bias=True is not supported for Qwen3 (only False)"),
         ({"head_dim": None}, "Qwen3 config lacks 'head_dim'"),

@@ -16,6 +16,7 @@ from typing import Optional
 
 from megatron_exact.model.families import (
     LLAMA,
+    MISTRAL,
     MOE_FIELDS,
     QWEN2,
     QWEN3,
@@ -124,6 +125,11 @@ PRESETS: dict[str, ModelArch] = {
     "qwen3-1.7b": _qwen3(28, 2048, 6144, 16, tie=True),
     "qwen3-4b": _qwen3(36, 2560, 9728, 32, tie=True),
     "qwen3-8b": _qwen3(36, 4096, 12288, 32, tie=False),
+    "mistral-7b-v0.3": ModelArch(
+        family=MISTRAL.model_type, num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, vocab_size=32768, max_position_embeddings=32768, rotary_base=1000000.0,
+        norm_epsilon=1e-5, tie_word_embeddings=False,
+    ),
     # Tiny models for tests and the CPU quickstart: same families, toy sizes.
     "tiny-qwen2": ModelArch(
         family=QWEN2.model_type, num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,

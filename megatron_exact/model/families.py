@@ -67,7 +67,7 @@ def _qwen_window(config: dict, num_layers: int) -> SlidingWindow:
     layer_types = config.get("layer_types")
     if layer_types is not None:
         if "sliding_attention" in layer_types:
-            return "layer_types", window if use else None
+            return ("use_sliding_window", window) if use else ("layer_types", None)
         return None
     if use and window is not None and num_layers > config.get("max_window_layers", _HF_DEFAULT_MAX_WINDOW_LAYERS):
         return "use_sliding_window", window
@@ -162,7 +162,19 @@ QWEN3 = ModelFamily(
     write_sliding_window=_write_qwen_window,
     sliding_window_fields="use_sliding_window/layer_types (window: sliding_window)",
 )
-FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.model_type: f for f in (QWEN2, LLAMA, QWEN3)})
+MISTRAL = ModelFamily(
+    model_type="mistral",
+    architecture="MistralForCausalLM",
+    title="Mistral",
+    add_qkv_bias=False,
+    qk_layernorm=False,
+    moe_model_types=("mixtral",),
+    sliding_window=_mistral_window,
+    write_sliding_window=_write_mistral_window,
+    sliding_window_fields="sliding_window",
+)
+
+FAMILIES: Mapping[str, ModelFamily] = MappingProxyType({f.model_type: f for f in (QWEN2, LLAMA, QWEN3, MISTRAL)})
 
 
 def supported() -> str:

@@ -130,3 +130,25 @@ def test_import_pads_vocabulary_for_tensor_parallelism(hf_models, tmp_path):
 
     checkpoint = import_hf(hf_models["qwen2-tied"], tmp_path / "tp2", tensor_model_parallel_size=2, verify=True, verify_tolerance=TOL)
     assert read_checkpoint_header(checkpoint)[1] == 512  # 300 padded to a multiple of 128 x TP=2
+
+
+def test_sliding_window_is_recorded_at_import_and_exported(hf_models, tmp_path, capsys):
+    """A Mistral with a 40-token window: import notes and records it (the trainer decides), --verify passes on
+    documents within the window, and the export spells the same window for transformers."""
+    import shutil
+
+    from megatron_exact.convert.exporter import export_hf
+    from megatron_exact.convert.megatron_checkpoint import read_checkpoint_header
+    from tools.convert_checkpoint import main
+
+    hf_dir = tmp_path / "windowed"
+    shutil.copytree(hf_models["mistral-v0.3"], hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "sliding_window": 40}))
+    assert main(["import-hf", "--hf-dir", str(hf_dir), "--save", str(tmp_path / "ckpt"), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "puts a 40-token sliding window in effect (sliding_window); recorded in the checkpoint" in out
+    arch, _, _ = read_checkpoint_header(tmp_path / "ckpt" / "release")
+    assert arch.sliding_window == 40
+    exported = export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert load_hf(exported).config.sliding_window == 40

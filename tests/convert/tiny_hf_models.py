@@ -8,7 +8,7 @@ swapped norm or a misplaced bias: every parameter is redrawn at random here.
 
 import torch
 
-from megatron_exact.model.families import LLAMA, QWEN2, QWEN3
+from megatron_exact.model.families import LLAMA, MISTRAL, QWEN2, QWEN3
 
 COMMON = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -36,6 +36,9 @@ MODELS = {
     # QK-norm, untied output layer, head_dim = hidden_size / heads.
     "qwen3-untied": (QWEN3, dict(vocab_size=256, tie_word_embeddings=False, head_dim=16, rope_theta=1000000.0),
                      torch.float32, None),
+    # v0.3-style: full attention (transformers' Mistral default is a 4096-token window), untied, GQA.
+    "mistral-v0.3": (MISTRAL, dict(vocab_size=288, tie_word_embeddings=False, sliding_window=None,
+                                     rope_theta=1000000.0), torch.float32, None),
 }
 
 

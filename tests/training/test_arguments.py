@@ -104,3 +104,35 @@ def test_command_line_reports_error_and_exits_before_building(byte_corpus):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: world size 1 is not divisible by" in result.stderr
     assert "--context-parallel-size (2)" in result.stderr
+
+
+def _mistral_config_dir(tmp_path, **changes):
+    """A tiny Mistral config.json written by transformers itself (vocabulary 512 fits the byte corpus)."""
+    from transformers import AutoConfig
+
+    from megatron_exact.model.families import MISTRAL
+
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+    AutoConfig.for_model(MISTRAL.model_type, **{**fields, **changes}).save_pretrained(str(tmp_path))
+    return str(tmp_path)
+
+
+def test_sliding_window_shorter_than_the_sequence_is_refused(byte_corpus, tmp_path):
+    argv = [a for a in flags(byte_corpus) if a not in ("--model", "tiny-qwen2")]
+    hf_dir = _mistral_config_dir(tmp_path, sliding_window=64)
+    with pytest.raises(ConfigError, match=r"--hf-config .*: sliding-window attention \(sliding_window: a 64-token "
+                                          r"window\) is not supported: .* --seq-length is 128"):
+        validate(["--hf-config", hf_dir, *argv])
+
+
+def test_sliding_window_covering_the_sequence_trains_as_full_attention_with_a_note(byte_corpus, tmp_path):
+    argv = [a for a in flags(byte_corpus) if a not in ("--model", "tiny-qwen2")]
+    with pytest.warns(ConfigWarning, match=r"128-token sliding window \(sliding_window\) covers --seq-length 128: "
+                                           r"training with full attention"):
+        arch, _, _ = validate(["--hf-config", _mistral_config_dir(tmp_path / "w128", sliding_window=128), *argv])
+    assert arch.sliding_window == 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)  # v0.3-style: no window, no note
+        arch, _, _ = validate(["--hf-config", _mistral_config_dir(tmp_path / "none", sliding_window=None), *argv])
+    assert arch.sliding_window is None
