@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert checkpoints between HF (Qwen2/2.5, LLaMA-3.x) and Megatron-Core ``torch_dist``, on CPU.
+"""Convert checkpoints between HF (Qwen2/2.5, LLaMA-3.x, Qwen3, Mistral) and Megatron-Core ``torch_dist``, on CPU.
 
   python tools/convert_checkpoint.py import-hf --hf-dir DIR --save CKPT \\
       [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--verify]

@@ -1,4 +1,4 @@
-"""HF <-> Megatron-Core checkpoint conversion on CPU (Qwen2/2.5 and LLaMA-3.x dense models).
+"""HF <-> Megatron-Core checkpoint conversion on CPU (the dense families of ``model/families.py``).
 
 - :mod:`.hf_mapping`: parameter names and fused layouts (QKV per query group, gate/up, padded vocabulary).
 - :mod:`.importer`: ``import_hf`` (HF directory -> ``torch_dist`` checkpoint).
