@@ -38,6 +38,7 @@ from megatron_exact.checkpoint import (
     model_checkpoint_state,
     write_tracker_atomically,
 )
+from megatron_exact.errors import UserError
 from megatron_exact.model.config import ModelArch
 from megatron_exact.training.arguments import check_checkpoint_arch
 
@@ -116,7 +117,13 @@ def save_checkpoint(
             args=args_record,
         )
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
-        dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+        try:
+            dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+        except BaseException as err:  # torch's CheckpointException derives from BaseException
+            full = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else _disk_full_error(err, tmp, state, final)
+            if full is None:
+                raise
+            raise full from err
         torch.distributed.barrier()
     except BaseException as err:
         if _rank0():
@@ -127,6 +134,49 @@ def save_checkpoint(
         write_tracker_atomically(save, iteration)
     torch.distributed.barrier()
     return final
+
+
+def _local_bytes(state) -> int:
+    """Bytes of the tensors this rank writes (about what its part of the checkpoint needs)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    total = 0
+    for value in nested_values(state):
+        data = value.data if isinstance(value, ShardedTensor) else value
+        if isinstance(data, torch.Tensor):
+            total += data.numel() * data.element_size()
+    return total
+
+
+def _disk_full_error(error: BaseException, directory: Path, state, final: Path) -> Optional[UserError]:
+    """A message naming the checkpoint, the space needed and free, when ``error`` came from a full disk, else None.
+
+    torch's checkpoint writer reports a full disk from its worker as "unexpected pos 704 vs 598"
+    (a short write inside the zip container), so besides an ENOSPC in the exception chain the
+    free space left where the checkpoint was being written decides.
+    """
+    import errno
+    import os
+
+    cause = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            break
+        cause = cause.__cause__ or cause.__context__
+    needed = _local_bytes(state)
+    try:
+        stats = os.statvfs(directory)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        free = None
+    if cause is None and (free is None or free >= max(needed, 64 * 2**20)):
+        return None
+    detail = f"this rank's part needs about {needed / 2**20:.1f} MiB"
+    if free is not None:
+        detail += f", {free / 2**20:.1f} MiB free there"
+    return UserError(f"no space left on the device (ENOSPC) while saving checkpoint {final} ({detail}); the "
+                     "previous checkpoint stays the latest: free space or --save elsewhere, then resume with --load")
 
 
 def remove_stale_temporaries(save: str) -> list[Path]:

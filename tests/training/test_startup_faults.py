@@ -93,3 +93,36 @@ def test_config_error_only_rank_1_detects_is_printed(byte_corpus, tmp_path):
     assert f"{PROG}: interrupted [rank 0/2]" in output  # rank 0 was stopped by torchrun, and said so
     assert "megatron_exact/" not in output  # no traceback from our code (torchrun's agent prints its own)
     assert time.time() - start < 200
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size):
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@pytest.mark.slow  # a training
+def test_disk_full_during_save_says_so_and_keeps_the_previous_checkpoint(byte_corpus, tmp_path, capsys):
+    """--save on a 2 MiB file system: the first checkpoint (~1.4 MiB) fits, the second does not."""
+    from megatron_exact.checkpoint import checkpoint_dir, find_checkpoint
+    from megatron_exact.platform.distributed import destroy_model_parallel
+
+    with small_tmpfs(tmp_path / "small", "2m") as mount:
+        save = mount / "ckpt"
+        try:
+            status = pretrain_main(["--model", "tiny-qwen2", "--vocab-size", "512", "--seq-length", "128",
+                                    "--train-iters", "2", "--lr", "1e-3", "--data-path", byte_corpus,
+                                    "--eval-iters", "0", "--save", str(save), "--save-interval", "1"])
+        finally:
+            destroy_model_parallel()
+        err = capsys.readouterr().err
+        assert status == 1 and "Traceback" not in err
+        assert (f"{PROG}: error: no space left on the device (ENOSPC) while saving checkpoint "
+                f"{checkpoint_dir(save, 2)} (this rank's part needs about") in err
+        assert "the previous checkpoint stays the latest" in err
+        assert find_checkpoint(save) == (checkpoint_dir(save, 1), 1)
+        assert sorted(p.name for p in save.iterdir()) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
