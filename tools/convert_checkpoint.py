@@ -5,6 +5,11 @@
       [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--verify]
   python tools/convert_checkpoint.py export-hf --load CKPT --hf-dir-out DIR \\
       [--tokenizer-dir T] [--dtype bf16|fp32] [--verify]
+  python tools/convert_checkpoint.py verify-hf --load CKPT --hf-dir DIR
+
+--verify (and verify-hf, for a HF directory written earlier) compares the HF model
+with the checkpoint rebuilt as a Megatron model and, for a trainer checkpoint, with
+the probe logits the training process saved next to it.
 
 One process, no launcher, no GPU, never contacts a model hub.
 """
@@ -39,9 +44,14 @@ def parse_args(argv=None):
                      help="weight dtype of the export (default: the checkpoint's)")
     exp.add_argument("--max-shard-size", default="5GB", help="split safetensors above this size, with an index (e.g. 5GB, 500MB)")
 
+    ver = commands.add_parser("verify-hf", help="check a HF directory against a checkpoint (what --verify does)")
+    ver.add_argument("--load", required=True, help="checkpoint directory (with latest_checkpointed_iteration.txt) or an iter_*/release dir")
+    ver.add_argument("--hf-dir", required=True, help="HF directory to check (its config.json and weights alone)")
+
     for sub in (imp, exp):
         sub.add_argument("--verify", action="store_true",
                          help="compare Megatron and HF logits on random tokens (fp32, CPU); fail above --verify-tolerance")
+    for sub in (imp, exp, ver):
         sub.add_argument("--verify-tolerance", type=float, default=1e-3, help="max abs logit difference allowed by --verify")
     return parser.parse_args(argv)
 
@@ -60,6 +70,14 @@ def _main(argv=None):
             verify=args.verify,
             verify_tolerance=args.verify_tolerance,
         )
+    elif args.command == "verify-hf":
+        from megatron_exact.checkpoint import resolve_checkpoint
+        from megatron_exact.convert.verify import verify_export
+        from megatron_exact.platform.distributed import initialize_model_parallel
+
+        result, _ = resolve_checkpoint(args.load)
+        initialize_model_parallel(1, 1, 1)
+        verify_export(result, args.hf_dir, tolerance=args.verify_tolerance)
     else:
         from megatron_exact.convert.exporter import export_hf
 

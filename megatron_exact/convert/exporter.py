@@ -196,7 +196,7 @@ def export_hf(
     print(f"export-hf: wrote {out} ({len(shards)} safetensors file(s), {total_size / 2**20:.1f} MiB, {out_dtype})", flush=True)
 
     if verify:
-        from megatron_exact.convert.verify import verify_checkpoint_against_hf
+        from megatron_exact.convert.verify import verify_export
 
-        verify_checkpoint_against_hf(ckpt_dir, out, tolerance=verify_tolerance)
+        verify_export(ckpt_dir, out, tolerance=verify_tolerance)
     return out

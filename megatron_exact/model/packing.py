@@ -32,6 +32,7 @@ class PackedBatch:
     loss_mask: torch.Tensor  # [1, T_local] float32
     position_ids: torch.Tensor  # [1, T_local] int64: effective context of each target
     packed_seq_params: PackedSeqParams
+    source_index: torch.Tensor  # [T_local] int64: index of each kept position in the flattened batch; -1: padding
 
     @property
     def num_tokens(self) -> int:
@@ -108,6 +109,7 @@ def pack_batch(
         loss_mask=take("loss_mask", 0.0),
         position_ids=take("position_ids", 0),
         packed_seq_params=params,
+        source_index=index,
     )
 
 

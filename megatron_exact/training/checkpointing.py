@@ -11,7 +11,9 @@ Contents: ``model`` (sharded), ``optimizer`` (sharded against the model, so
 it reloads under another TP/PP layout), ``opt_param_scheduler``,
 ``rng_state`` (per TP/PP rank; skipped when the layout changed),
 ``iteration``, ``data_position`` (consumed samples), ``model_arch``,
-``padded_vocab_size``, ``checkpoint_version`` and ``args``.
+``padded_vocab_size``, ``checkpoint_version`` and ``args``; next to them the
+probe logits of the model as trained (``probe_logits.safetensors``, see
+``megatron_exact/checkpoint/probe.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from megatron_exact.checkpoint import (
     model_checkpoint_state,
     write_tracker_atomically,
 )
+from megatron_exact.checkpoint.probe import PROBE_FILENAME, Probe, write_probe
 from megatron_exact.errors import UserError
 from megatron_exact.model.config import ModelArch
 from megatron_exact.training.arguments import check_checkpoint_arch
@@ -99,8 +102,12 @@ def save_checkpoint(
     padded_vocab_size: int,
     consumed_train_samples: int,
     args_record: dict,
+    probe: Optional[Probe] = None,
 ) -> Path:
-    """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it."""
+    """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it.
+
+    ``probe``: the probe logits, from the one rank that has them (``checkpoint/probe.py``).
+    """
     final = checkpoint_dir(save, iteration)
     holder = [None]
     if _rank0():
@@ -119,6 +126,8 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
         try:
             dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
+            if probe is not None:
+                write_probe(tmp / PROBE_FILENAME, probe)
         except BaseException as err:  # torch's CheckpointException derives from BaseException
             full = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else _disk_full_error(err, tmp, state, final)
             if full is None:

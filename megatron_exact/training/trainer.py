@@ -38,12 +38,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from megatron_exact.checkpoint.probe import Probe, probe_documents, probe_positions
 from megatron_exact.data.dataset import build_train_valid_test_datasets
 from megatron_exact.data.tokenizers import build_tokenizer
 from megatron_exact.loss import ExactLoss, exact_config_from_args
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
-from megatron_exact.model.packing import PackedBatch, document_lengths, pack_batch, pad_multiple
+from megatron_exact.model.packing import PackedBatch, batch_from_documents, document_lengths, pack_batch, pad_multiple
 from megatron_exact.platform.distributed import initialize_model_parallel
 from megatron_exact.training.arguments import RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -344,6 +345,61 @@ class Trainer:
             self.logger.scalars("valid", {"lm_loss": record["lm_loss"]}, self.iteration)
         return record
 
+    # -- probe logits (the reference export-hf --verify checks against) -----------------------
+    def probe(self) -> Optional[Probe]:
+        """Logits of the model as it is now on the fixed probe batch (``checkpoint/probe.py``).
+
+        Collective: every rank runs its part of the forward in this run's own layout; the
+        rank that logs (last stage, TP/DP/CP rank 0) gets the probe, every other rank None.
+        """
+        args = self.args
+        documents = probe_documents(self.arch.vocab_size, args.seq_length)
+        total = sum(len(doc) for doc in documents)
+        positions = probe_positions(total)
+        # batch_from_documents wants seq_length + 1 tokens (the last is only a label): a 1-token tail.
+        batch = batch_from_documents(documents + [[0]], seq_length=total)
+        packed = self._to_device(pack_batch(
+            batch,
+            context_parallel_size=args.context_parallel_size,
+            context_parallel_rank=parallel_state.get_context_parallel_rank(),
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+        ))
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            reports = self.forward_backward(
+                forward_step_func=functools.partial(self._probe_forward_step, positions),
+                data_iterator=iter([packed]), model=self.model, num_microbatches=1,
+                seq_length=packed.num_tokens, micro_batch_size=1, forward_only=True,
+            )
+        for chunk in self.model:
+            chunk.train()
+        if not self.is_logging_rank:
+            return None
+        return Probe(documents, positions, reports[0]["probe"].cpu(), "bfloat16" if args.bf16 else "float32")
+
+    def _probe_forward_step(self, positions, data_iterator, model):
+        packed = next(data_iterator)
+        output = model(packed.tokens, packed.position_ids, None, packed_seq_params=packed.packed_seq_params)
+        return output, functools.partial(self._probe_logits, packed, positions)
+
+    def _probe_logits(self, packed: PackedBatch, positions: torch.Tensor, output: torch.Tensor):
+        """The logits at ``positions`` of the whole row: this rank's rows gathered over the
+        vocabulary (TP), then summed over the CP ranks, each of which holds other rows."""
+        from megatron.core import tensor_parallel
+
+        source = packed.source_index.to(output.device)
+        wanted = positions.to(output.device)
+        kept = torch.isin(source, wanted)
+        rows = tensor_parallel.gather_from_tensor_model_parallel_region(output[0][kept].float().contiguous())
+        logits = torch.zeros(len(wanted), self.arch.vocab_size, dtype=torch.float32, device=output.device)
+        logits[torch.searchsorted(wanted, source[kept])] = rows[:, : self.arch.vocab_size]
+        if self.args.context_parallel_size > 1:
+            torch.distributed.all_reduce(logits, group=parallel_state.get_context_parallel_group())
+        no_loss = torch.zeros((), device=output.device)
+        return no_loss, torch.zeros((), dtype=torch.int, device=output.device), {"probe": logits}
+
     # -- the loop -------------------------------------------------------------------------
     def save(self) -> None:
         args = self.args
@@ -356,7 +412,7 @@ class Trainer:
         path = save_checkpoint(
             args.save, self.iteration, self.module, self.optimizer, self.scheduler,
             arch=self.arch, padded_vocab_size=self.padded_vocab_size,
-            consumed_train_samples=self.consumed_train_samples, args_record=record,
+            consumed_train_samples=self.consumed_train_samples, args_record=record, probe=self.probe(),
         )
         self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
 

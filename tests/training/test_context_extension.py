@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_exact.training.arguments import ConfigError, parse_args, validate_args
 from tests.training.conftest import byte_corpus  # noqa: F401
@@ -110,3 +113,93 @@ def test_resume_with_other_rope_flags_is_refused(extended_runs):
         validate_args(parse_args(without_factor + ["--load", str(interpolation.save)]), world_size=1)
     # Starting a new run from those weights may change them.
     validate_args(parse_args(other_base + resume + ["--finetune"]), world_size=1)
+
+
+@pytest.fixture(scope="module")
+def exports(extended_runs, tmp_path_factory) -> dict:
+    """Each run exported with ``--verify`` at 1e-4 (both references, fp32)."""
+    from megatron_exact.convert.exporter import export_hf
+
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export_hf(run.save, root / name, verify=True, verify_tolerance=1e-4)
+            for name, run in extended_runs.items()}
+
+
+def _hf_model(directory, **config_changes):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True, **config_changes)
+    return AutoModelForCausalLM.from_pretrained(str(directory), config=config, dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("name", list(EXTENSIONS))
+def test_exported_model_computes_what_was_trained_past_the_original_length(name, extended_runs, exports):
+    """transformers' logits of the export (its config.json alone) equal the probe logits the trainer saved,
+    at positions past the original max_position_embeddings; with the original RoPE they clearly do not."""
+    from megatron_exact.checkpoint import find_checkpoint
+    from megatron_exact.checkpoint.probe import read_probe
+    from megatron_exact.convert.verify import hf_logits
+
+    config = json.loads((exports[name] / "config.json").read_text())
+    assert config["max_position_embeddings"] == SEQ
+    if name == "rotary_base":
+        assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 4 * BASE_THETA
+        assert config["rope_parameters"]["rope_type"] == "default" and "rope_scaling" not in config
+    else:
+        assert config["rope_theta"] == BASE_THETA
+        assert config["rope_parameters"] == config["rope_scaling"] == {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": BASE_THETA}
+
+    probe = read_probe(find_checkpoint(extended_runs[name].save)[0])
+    assert [len(doc) for doc in probe.documents] == [SEQ - 16, 16] and probe.computed_in == "float32"
+    assert int(probe.positions.max()) > ORIGINAL_MAX_POSITIONS
+    far = probe.positions >= ORIGINAL_MAX_POSITIONS
+    assert int(far.sum()) >= 10
+    exported = hf_logits(_hf_model(exports[name]), probe.documents)[probe.positions]
+    assert (exported - probe.logits).abs().max().item() <= 1e-4
+    original_rope = {"rope_parameters": {"rope_type": "default", "rope_theta": BASE_THETA}}
+    stale = hf_logits(_hf_model(exports[name], **original_rope), probe.documents)[probe.positions]
+    assert (stale - probe.logits)[far].abs().max().item() > 100 * 1e-4
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def test_verify_fails_when_rope_theta_is_edited(exports, extended_runs, tmp_path, capsys):
+    from tools.convert_checkpoint import main
+
+    edited = tmp_path / "edited"
+    shutil.copytree(exports["rotary_base"], edited)
+
+    def old_theta(config):
+        config["rope_theta"] = config["rope_parameters"]["rope_theta"] = BASE_THETA
+
+    _edit_config(edited, old_theta)
+    load = str(extended_runs["rotary_base"].save)
+    assert main(["verify-hf", "--load", load, "--hf-dir", str(exports["rotary_base"])]) == 0
+    assert main(["verify-hf", "--load", load, "--hf-dir", str(edited)]) == 1
+    assert "disagree: max abs logit difference" in capsys.readouterr().err
+
+
+def test_verify_does_not_trust_the_architecture_record(extended_runs, tmp_path, capsys):
+    """A checkpoint whose record lost the RoPE change (as before it was recorded) exports the old rope_theta;
+    the rebuilt checkpoint agrees with that export, the trained model's probe does not."""
+    from megatron_exact.checkpoint import find_checkpoint
+    from tests.convert.test_rope_export import rewrite_arch_record
+    from tools.convert_checkpoint import main
+
+    stale = tmp_path / "stale"
+    shutil.copytree(extended_runs["rotary_base"].save, stale)
+    rewrite_arch_record(find_checkpoint(stale)[0], rotary_base=BASE_THETA)
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--load", str(stale), "--hf-dir-out", str(out), "--verify",
+                 "--verify-tolerance", "1e-4"]) == 1
+    captured = capsys.readouterr()
+    assert "max |logit difference| Megatron vs HF" in captured.out  # the record-based check passed...
+    assert "does not compute what the trained model computed" in captured.err  # ...the probe did not
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == BASE_THETA

@@ -7,7 +7,9 @@ same initial weights from a seed) and reads a weighted blend of two corpora of d
 training and validation runs. Flags of the paper's runs ride along where they must not change the
 numbers: ``--use-distributed-optimizer`` and ``--data-cache-path`` (DP=2), ``--recompute-granularity
 selective`` with ``--eval-iters 0`` (TP=2+SP), ``--recompute-granularity full`` (PP=2). Step 0 is also
-checked against transformers' own model times independently computed EXACT weights.
+checked against transformers' own model times independently computed EXACT weights. Each run saves
+its final checkpoint: the probe logits every layout computes at save time are the same, and they are
+what transformers computes on the export.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def runs(blend, tiny_hf, tmp_path_factory) -> dict:
     for name, extra in LAYOUTS.items():
         metrics = root / f"{name}.jsonl"
         extra = [a.format(cache=root / "index_cache") for a in extra]
-        result = launch(layout_flags(blend, tiny_hf, "--metrics-file", str(metrics), *extra), timeout=300)
+        save = ["--save", str(root / f"{name}_ckpt")]
+        result = launch(layout_flags(blend, tiny_hf, "--metrics-file", str(metrics), *save, *extra), timeout=300)
         assert result.returncode == 0, f"{name}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         results[name] = {"stdout": result.stdout, "records": read_metrics(metrics)}
     results["root"] = root
@@ -130,3 +133,22 @@ def test_step0_exact_loss_equals_transformers_times_independent_weights(runs, bl
     assert first["lm_loss"] == pytest.approx(lm_loss, rel=TOLERANCE)
     assert first["loss"] == pytest.approx(objective, rel=TOLERANCE)
     assert objective > 1.01 * lm_loss
+
+
+def test_probe_logits_are_the_same_in_every_layout_and_transformers_computes_them(runs, tmp_path):
+    """The probe (``checkpoint/probe.py``) is gathered over TP (vocabulary), CP (rows) and from the last PP
+    stage: every layout saves the same logits, and the HF export of the DP=2 checkpoint computes them."""
+    from megatron_exact.checkpoint import find_checkpoint
+    from megatron_exact.checkpoint.probe import read_probe
+    from megatron_exact.convert.exporter import export_hf
+    from megatron_exact.convert.verify import hf_logits, load_hf_model
+
+    probes = {name: read_probe(find_checkpoint(runs["root"] / f"{name}_ckpt")[0]) for name in LAYOUTS}
+    reference = probes["dp2"]
+    assert reference.logits.shape == (len(reference.positions), 512)
+    for name, probe in probes.items():
+        assert probe.documents == reference.documents and probe.positions.tolist() == reference.positions.tolist()
+        assert (probe.logits - reference.logits).abs().max().item() <= 1e-4, name
+    exported = export_hf(runs["root"] / "dp2_ckpt", tmp_path / "hf")
+    logits = hf_logits(load_hf_model(exported), reference.documents)[reference.positions]
+    assert (logits - reference.logits).abs().max().item() <= 1e-4
