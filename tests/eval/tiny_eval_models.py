@@ -9,7 +9,7 @@ import random
 
 from tests.convert.tiny_hf_models import build_hf_model, hf_config
 
-VOCAB_SIZE = 640
+VOCAB_SIZE = 2048
 MAX_POSITIONS = 2048
 
 
@@ -21,7 +21,7 @@ def _training_text():
     spec = default_spec()
     words = RandomWord().filter(include_categories=["noun", "adjective", "verb"])
     rng = random.Random(0)
-    lines = [" ".join(rng.sample(words, 12)) for _ in range(400)]
+    lines = [" ".join(rng.sample(words, 12)) for _ in range(3000)]
     lines += list(spec.filler.sentences) + [spec.fact, spec.question, spec.preamble] + list(spec.keys)
     lines += [" ".join(str(rng.randint(0, 10**7)) for _ in range(10)) for _ in range(50)]
     lines += ["The special magic number for x is: 1234. What are all the special magic numbers? VAR ABCDE = 12345."]
