@@ -30,8 +30,10 @@ EXTRAS_REQUIRE = {
     # GPU fast path; detected at run time, never needed on CPU. NVIDIA apex is
     # built from source on clusters; the PyPI package called "apex" is unrelated.
     "gpu": ["transformer-engine[pytorch]>=2.0"],
-    "eval": ["lm-eval>=0.4"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # lm-evaluation-harness with its HF model backend; 0.4.13 tested with transformers 5.24.
+    "eval": ["lm-eval[hf]>=0.4.13,<0.5"],
+    # The tests run the harness offline on a tiny model, so `make test` installs it.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "lm-eval[hf]>=0.4.13,<0.5"],
 }
 
 setup(
