@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load model weights only and start at iteration 0 (CPT from a converted HF checkpoint)")
     group.add_argument("--no-load-optim", action="store_true")
     group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                       dest="override_opt_param_scheduler", action="store_true",
+                       help="on resume, the learning-rate/weight-decay schedule follows this run's flags (at the "
+                            "checkpoint's step count) instead of the checkpoint's; needed when they differ")
+    group.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                       dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                       help="on resume, keep the checkpoint's learning-rate/weight-decay schedule and ignore "
+                            "this run's schedule flags")
     group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
     group.add_argument("--exit-interval", type=int,
                        help="save (with --save) and exit after an iteration divisible by this; resume with --load")
@@ -314,6 +322,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         raise ConfigError("--save-interval needs --save (the checkpoint directory)")
     if args.exit_signal_handler and not args.save:
         raise ConfigError("--exit-signal-handler needs --save (it saves a checkpoint before exiting)")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
+                          "other: give one (this run's schedule, or the checkpoint's)")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
     if args.load and args.finetune:

@@ -38,14 +38,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
-from megatron_exact.data.dataset import build_train_valid_test_datasets
+from megatron_exact.data.dataset import build_train_valid_test_datasets, sample_order_digest
 from megatron_exact.data.tokenizers import build_tokenizer
 from megatron_exact.loss import ExactLoss, exact_config_from_args
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
 from megatron_exact.model.packing import PackedBatch, document_lengths, pack_batch, pad_multiple
 from megatron_exact.platform.distributed import initialize_model_parallel
-from megatron_exact.training.arguments import RunLayout
+from megatron_exact.training.arguments import ConfigError, RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share, throughput
 from megatron_exact.training.validation import BucketedCrossEntropy
@@ -82,6 +82,13 @@ def split_sample_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     """
     gbs = args.global_batch_size
     return args.train_iters * gbs, args.eval_iters * gbs, 0
+
+
+def schedule_policy(args: argparse.Namespace) -> str:
+    """What a resume does when the schedule flags differ from the checkpoint's (Megatron-LM's flags)."""
+    if args.override_opt_param_scheduler:
+        return "override"
+    return "checkpoint" if args.use_checkpoint_opt_param_scheduler else "refuse"
 
 
 def collate(samples: list[dict]) -> dict:
@@ -130,14 +137,39 @@ class Trainer:
                 args.load, self.module, self.optimizer, self.scheduler,
                 arch=arch, padded_vocab_size=self.padded_vocab_size, finetune=args.finetune,
                 load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng,
+                schedule_policy=schedule_policy(args),
             )
             if loaded is not None:
                 self.iteration, self.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
                 self._print(f"loaded {loaded.directory} (iteration {self.iteration}, "
                             f"{self.consumed_train_samples} samples consumed{', weights only' if args.finetune else ''})")
+                if loaded.schedule_changes:
+                    kept = ("this run's flags (--override-opt_param-scheduler)" if args.override_opt_param_scheduler
+                            else "the checkpoint's (--use-checkpoint-opt_param-scheduler)")
+                    self._print(f"learning-rate schedule from {kept}; differences: "
+                                + "; ".join(loaded.schedule_changes))
+                if not args.finetune:
+                    self._check_data_order(loaded)
             else:
                 self._print(f"--load {args.load}: no checkpoint yet, starting from scratch")
         self.logger = RunLogger(args, self.iteration) if self.is_logging_rank else None
+
+    def _check_data_order(self, loaded) -> None:
+        """Refuse a resume that would read the consumed samples in another order (so repeat or skip
+        some): the data indices depend on the number of samples asked for (``--train-iters``)."""
+        recorded = loaded.common.get("data_position", {}).get("train_sample_order_sha1")
+        if recorded is None or self.iteration >= self.args.train_iters:
+            return
+        if sample_order_digest(self.train_dataset, self.consumed_train_samples) != recorded:
+            before = (loaded.common.get("args") or {}).get("train_iters")
+            raise ConfigError(
+                f"--load {loaded.directory}: with --train-iters {self.args.train_iters} the training data comes in "
+                f"another order than the checkpoint's run (--train-iters {before}) read it, so the extension would "
+                f"repeat or skip samples: Megatron-Core shuffles all the epochs a plan needs together, and this plan "
+                f"needs another number of epochs of the training split (or --data-path, --split, --seed or "
+                f"--seq-length changed). Extend within the epochs the first plan needed, or start a new run from "
+                f"these weights (--load {loaded.directory.parent} --finetune, a new --save)"
+            )
 
     # -- construction ---------------------------------------------------------------
     def _build_model_and_optimizer(self) -> None:
@@ -219,6 +251,8 @@ class Trainer:
             wd_incr_style="constant",
             wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
+            use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
         )
 
     def _build_data(self, tokenizer_record: dict) -> None:
@@ -360,6 +394,7 @@ class Trainer:
             args.save, self.iteration, self.module, self.optimizer, self.scheduler,
             arch=self.arch, padded_vocab_size=self.padded_vocab_size,
             consumed_train_samples=self.consumed_train_samples, args_record=record,
+            train_sample_order_sha1=sample_order_digest(self.train_dataset, self.consumed_train_samples),
         )
         self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
 
