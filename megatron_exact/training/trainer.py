@@ -43,11 +43,12 @@ from megatron_exact.data.tokenizers import build_tokenizer
 from megatron_exact.loss import ExactLoss, exact_config_from_args
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
-from megatron_exact.model.packing import PackedBatch, document_lengths, pack_batch, pad_multiple
+from megatron_exact.model.packing import PackedBatch, pack_batch, pad_multiple
 from megatron_exact.platform.distributed import initialize_model_parallel
 from megatron_exact.training.arguments import ConfigError, RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share, throughput
+from megatron_exact.training.logging import (RunLogger, model_flops, peak_tflops, sum_squared_document_lengths, tail_share,
+                                             throughput)
 from megatron_exact.training.validation import BucketedCrossEntropy
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
@@ -95,13 +96,37 @@ def collate(samples: list[dict]) -> dict:
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in SAMPLE_KEYS}
 
 
-def batch_sha1(samples: list[dict]) -> str:
-    """Hash of a global batch's tokens and labels (in sample order): equal across paired runs."""
+def sample_sha1(sample: dict) -> bytes:
+    """sha1 of one sample's tokens and labels (int64 bytes)."""
     digest = hashlib.sha1()
-    for sample in samples:
-        digest.update(torch.as_tensor(sample["tokens"]).to(torch.int64).numpy().tobytes())
-        digest.update(torch.as_tensor(sample["labels"]).to(torch.int64).numpy().tobytes())
+    digest.update(torch.as_tensor(sample["tokens"]).to(torch.int64).numpy().tobytes())
+    digest.update(torch.as_tensor(sample["labels"]).to(torch.int64).numpy().tobytes())
+    return digest.digest()
+
+
+def combine_sample_sha1s(digests) -> str:
+    """``batch_sha1`` from the per-sample digests of a global batch, in sample order."""
+    digest = hashlib.sha1()
+    for sample_digest in digests:
+        digest.update(bytes(sample_digest))
     return digest.hexdigest()
+
+
+def batch_sha1(samples: list[dict]) -> str:
+    """Hash of a global batch's tokens and labels (in sample order): equal across paired runs and
+    parallel layouts. The trainer builds it from the digests each data-parallel rank takes of its
+    own samples (:meth:`Trainer._gather_batch_record`); this is the same value from the samples."""
+    return combine_sample_sha1s(sample_sha1(sample) for sample in samples)
+
+
+@dataclasses.dataclass
+class StepData:
+    """What one rank learns of its own samples while fetching a step's micro-batches, for the log:
+    their digests (in this rank's order: micro-batch by micro-batch) and the sum over their
+    documents of the squared lengths (the attention term of the FLOP count)."""
+
+    sample_sha1s: list
+    squared_document_lengths: int
 
 
 class Trainer:
@@ -269,14 +294,19 @@ class Trainer:
             self._print(f"--split {args.split} has no validation part: validation is off")
 
     # -- data -------------------------------------------------------------------------
-    def _microbatches(self, dataset, first_sample: int) -> list[PackedBatch]:
-        """This rank's micro-batches of the global batch starting at sample ``first_sample``."""
+    def _microbatches(self, dataset, first_sample: int, step_data: Optional[StepData] = None) -> list[PackedBatch]:
+        """This rank's micro-batches of the global batch starting at sample ``first_sample``
+        (and, into ``step_data``, what the log needs to know of them)."""
         args, layout = self.args, self.layout
         mbs, dp = args.micro_batch_size, layout.data_parallel_size
         microbatches = []
         for j in range(layout.num_microbatches):
             start = first_sample + j * mbs * dp + self.dp_rank * mbs
-            batch = collate([dataset[start + i] for i in range(mbs)])
+            samples = [dataset[start + i] for i in range(mbs)]
+            batch = collate(samples)
+            if step_data is not None:
+                step_data.sample_sha1s.extend(sample_sha1(sample) for sample in samples)
+                step_data.squared_document_lengths += sum_squared_document_lengths(batch["cu_seqlens"])
             packed = pack_batch(
                 batch,
                 context_parallel_size=args.context_parallel_size,
@@ -413,17 +443,18 @@ class Trainer:
         evaluated_at = None
         while self.iteration < args.train_iters:
             step_start = time.time()
-            microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples)
+            step_data = StepData([], 0)
+            microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples, step_data)
             lr = self.optimizer.param_groups[0]["lr"]
             stats, grad_norm, skipped = self.train_step(microbatches)
-            first_sample = self.consumed_train_samples
+            logged = self._gather_batch_record(step_data)
             self.iteration += 1
             self.consumed_train_samples += gbs
             step_time = time.time() - step_start
             interval_time += step_time
             interval_iterations += 1
             if self.logger:
-                self._log_iteration(stats, lr, grad_norm, skipped, first_sample, step_time,
+                self._log_iteration(stats, lr, grad_norm, skipped, logged, step_time,
                                     interval_time, interval_iterations, peak)
             if self.iteration % args.log_interval == 0:
                 interval_time, interval_iterations = 0.0, 0
@@ -452,10 +483,38 @@ class Trainer:
         if args.save and saved_at != self.iteration:
             self.save()
 
-    def _log_iteration(self, stats, lr, grad_norm, skipped, first_sample, step_time, interval_time,
+    def _gather_batch_record(self, step_data: StepData) -> Optional[tuple[str, int]]:
+        """``(batch_sha1, squared document lengths of the global batch)`` on the logging rank, from
+        what every data-parallel rank fetched for itself (None elsewhere). Only the ranks holding
+        the logging rank's model part (its data-parallel group) take part: one small all-gather of
+        20 bytes per sample and one integer per rank."""
+        in_logging_group = (self.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+                            and parallel_state.get_context_parallel_rank() == 0)
+        if not in_logging_group:
+            return None
+        mbs, dp = self.args.micro_batch_size, self.layout.data_parallel_size
+        digests = torch.tensor([list(digest) for digest in step_data.sample_sha1s], dtype=torch.uint8,
+                               device=self.device)
+        squared = torch.tensor([step_data.squared_document_lengths], dtype=torch.int64, device=self.device)
+        if dp > 1:
+            group = parallel_state.get_data_parallel_group()
+            all_digests = [torch.empty_like(digests) for _ in range(dp)]
+            torch.distributed.all_gather(all_digests, digests, group=group)
+            torch.distributed.all_reduce(squared, group=group)
+        else:
+            all_digests = [digests]
+        if not self.is_logging_rank:
+            return None
+        per_rank = [rows.cpu().numpy() for rows in all_digests]
+        # Global sample order: micro-batch j of DP rank r holds samples j*mbs*DP + r*mbs + [0, mbs).
+        ordered = (per_rank[r][j * mbs + i].tobytes() for j in range(self.layout.num_microbatches)
+                   for r in range(dp) for i in range(mbs))
+        return combine_sample_sha1s(ordered), int(squared)
+
+    def _log_iteration(self, stats, lr, grad_norm, skipped, logged, step_time, interval_time,
                        interval_iterations, peak) -> None:
         args = self.args
-        samples = [self.train_dataset[first_sample + i] for i in range(args.global_batch_size)]
+        sha1, squared = logged
         tokens_processed = args.global_batch_size * args.seq_length
         edges = stats["bucket_lower_edges"]
         weights = stats["bucket_weights"]
@@ -480,7 +539,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": stats["tokens"],
             "consumed_samples": self.consumed_train_samples,
-            "batch_sha1": batch_sha1(samples),
+            "batch_sha1": sha1,
             "step_time_s": step_time,
             "exact": exact,
         }
@@ -499,7 +558,6 @@ class Trainer:
             tokens_per_s = tokens_processed * interval_iterations / max(interval_time, 1e-9)
             tflops = mfu = None
             if torch.cuda.is_available():
-                squared = sum(length * length for s in samples for length in document_lengths(s["cu_seqlens"].view(1, -1)))
                 flops = model_flops(self.arch, self.padded_vocab_size, tokens_processed, squared)
                 tflops, mfu = throughput(flops, step_time, self.layout.world_size, peak)
             printable = dict(record, loss=record["loss"] if record["loss"] is not None else float("nan"),
