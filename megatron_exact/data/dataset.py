@@ -4,7 +4,7 @@ Megatron-Core builds the document/sample/shuffle indices, caches them, blends an
 splits; ``ExactGPTDataset`` only adds, per sample, where its documents begin. They
 come from those indices and the sequence lengths (never from scanning for EOD), so
 they are exact even for data without EOD tokens. Each sample is a dict (the batch
-contract of shared/DESIGN.md), ``S = seq_length``:
+contract: what :func:`megatron_exact.model.packing.pack_batch` takes), ``S = seq_length``:
 
 - ``tokens [S] int64``, ``labels [S] int64`` (Megatron-Core's own);
 - ``position_ids [S] int64``: restart at 0 at every document start in the sample (a

@@ -3,7 +3,7 @@
 Only one rank logs (the last pipeline stage's first TP/DP/CP rank, where the
 loss is known); :class:`RunLogger` is constructed there and nowhere else.
 
-Metrics file (``--metrics-file``, schema in shared DESIGN.md "Conventions"):
+Metrics file (``--metrics-file``, its fields listed in the README, "Train a uniform / EXACT pair"):
 one JSON object per line, a training line per iteration and a validation
 line (``"split": "valid"``) per evaluation. After a resume from iteration
 ``k`` every line past ``k`` is dropped (atomically) so every iteration
@@ -21,7 +21,7 @@ import numpy as np
 
 from megatron_exact.model.config import ModelArch
 
-# Model FLOPs per step, as defined in shared DESIGN.md (activation recompute not counted).
+# Model FLOPs per step (activation recompute not counted); tests/training/test_flops.py derives it by hand.
 FLOPS_FORMULA = "6*N_nonemb*T + 6*d*V*T + 6*L*d_attn*sum_docs(l_d^2)"
 
 # Peak dense bf16 TFLOP/s per GPU, looked up by device name (--peak-tflops overrides).

@@ -40,7 +40,8 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_exact.data.dataset import build_train_valid_test_datasets, sample_order_digest
 from megatron_exact.data.tokenizers import build_tokenizer
-from megatron_exact.loss import ExactLoss, exact_config_from_args
+from megatron_exact.flags import exact_config_from_args
+from megatron_exact.loss import ExactLoss
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
 from megatron_exact.model.packing import PackedBatch, pack_batch, pad_multiple
