@@ -3,7 +3,7 @@
 This module is deliberately free of Megatron imports so the formulas can be
 tested and reused (stats tool, loss, evaluation) on their own.
 
-Definitions (see shared DESIGN.md):
+Definitions:
 - effective context ``l`` of a target = position id of its input token
   (positions restart at every document start);
 - bucket 0 holds ``l`` in [0, 8); bucket ``b >= 1`` holds [2^(b+2), 2^(b+3));

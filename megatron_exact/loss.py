@@ -36,7 +36,6 @@ normalisations stay exact for this scope as well.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from typing import Optional
@@ -62,7 +61,7 @@ NORMALIZATIONS = ("tokens", "weights")
 
 @dataclasses.dataclass
 class ExactConfig:
-    """Loss settings; each field is one command-line flag (see :func:`add_exact_args`)."""
+    """Loss settings; each field is one command-line flag (:func:`megatron_exact.flags.add_exact_args`)."""
 
     weighting: str = "uniform"  # --loss-weighting
     alpha: float = DEFAULT_ALPHA  # --exact-alpha
@@ -99,39 +98,6 @@ class ExactConfig:
                 f"context bucket starts at {last_edge}, so every weight would be 1 (uniform loss); choose "
                 f"--exact-tau <= {last_edge} (default: seq-length / 4 = {default_tau(seq_length)})"
             )
-
-
-def add_exact_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the loss flags to a trainer's parser (Megatron-LM style names)."""
-    group = parser.add_argument_group("EXACT loss")
-    group.add_argument("--loss-weighting", choices=WEIGHTINGS, default="uniform",
-                       help="uniform: standard CPT loss; exact: up-weight rare long effective contexts.")
-    group.add_argument("--exact-alpha", type=float, default=DEFAULT_ALPHA,
-                       help="Extra weight mass of the tail: sum over tail buckets of q_b (w_b - 1).")
-    group.add_argument("--exact-gamma", type=float, default=DEFAULT_GAMMA,
-                       help="Rarity exponent: r_b = (q_b + eps)^-gamma.")
-    group.add_argument("--exact-eps", type=float, default=DEFAULT_EPS, help="Smoothing of bucket frequencies.")
-    group.add_argument("--exact-tau", type=int, default=None,
-                       help="Tail threshold in tokens: buckets with lower edge >= tau are weighted "
-                            "(default: seq-length / 4).")
-    group.add_argument("--exact-scope", choices=SCOPES, default="step",
-                       help="Where bucket counts come from: the whole global batch of the optimizer step "
-                            "(split-invariant) or each micro-batch (ablation).")
-    group.add_argument("--exact-normalization", choices=NORMALIZATIONS, default="tokens",
-                       help="Divide the weighted loss sum by the number of supervised tokens or by the sum of weights.")
-    return parser
-
-
-def exact_config_from_args(args: argparse.Namespace) -> ExactConfig:
-    return ExactConfig(
-        weighting=args.loss_weighting,
-        alpha=args.exact_alpha,
-        gamma=args.exact_gamma,
-        eps=args.exact_eps,
-        tau=args.exact_tau,
-        scope=args.exact_scope,
-        normalization=args.exact_normalization,
-    )
 
 
 class ExactLoss:

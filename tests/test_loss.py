@@ -15,7 +15,8 @@ from megatron_exact.platform import setup_platform
 setup_platform()
 
 from megatron_exact.exact import bucket_index  # noqa: E402
-from megatron_exact.loss import ExactConfig, ExactLoss, add_exact_args, exact_config_from_args  # noqa: E402
+from megatron_exact.flags import add_exact_args, exact_config_from_args  # noqa: E402
+from megatron_exact.loss import ExactConfig, ExactLoss  # noqa: E402
 from megatron_exact.model.packing import batch_from_documents, pack_batch  # noqa: E402
 from tests import exact_reference as reference  # noqa: E402
 

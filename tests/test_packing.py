@@ -1,6 +1,6 @@
 """pack_batch and batch_from_documents against computations written out independently here.
 
-The reference layout (DESIGN.md, Transformer Engine's ``thd_get_partitioned_indices``):
+The reference layout (Transformer Engine's ``thd_get_partitioned_indices``):
 every document padded to a multiple of 2*CP (2*CP*TP with sequence parallelism),
 split into 2*CP equal chunks, CP rank r holding chunks r and 2*CP-1-r of every
 document, documents in order.

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from megatron_exact.convert.hf_mapping import expected_hf_shapes, hf_to_megatron, param_mappings
-from megatron_exact.convert.megatron_checkpoint import build_model_for_checkpoint, validate_parallel_layout
+from megatron_exact.convert.megatron_checkpoint import build_model_for_checkpoint
 from megatron_exact.convert.safetensors_stream import SafetensorsReader
 from megatron_exact.model.config import UnsupportedModelError, arch_from_hf_config
+from megatron_exact.model.parallel_layout import check_parallel_layout
 from megatron_exact.atomic_io import atomic_directory
 from megatron_exact.checkpoint import (
     RELEASE,
@@ -124,7 +125,7 @@ def import_hf(
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"--hf-dir {hf_dir} is not a directory")
     arch = arch_from_hf_config(hf_dir)
-    validate_parallel_layout(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
+    check_parallel_layout(arch, tensor_model_parallel_size, pipeline_model_parallel_size)
     if arch.sliding_window is not None:
         print(
             f"import-hf: note: {hf_dir / 'config.json'} puts a {arch.sliding_window}-token sliding window in effect "

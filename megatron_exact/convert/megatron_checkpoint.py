@@ -16,24 +16,9 @@ from typing import Union
 
 import torch
 
-from megatron_exact.model.config import ModelArch
 from megatron_exact.checkpoint import arch_from_dict, read_model_record
-
-
-def validate_parallel_layout(arch: ModelArch, tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> None:
-    """Refuse a TP/PP layout the model cannot be split into, naming the flag and the sizes."""
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tensor-model-parallel-size ({tp}) and --pipeline-model-parallel-size ({pp}) must be >= 1")
-    for what, size in (
-        ("num_attention_heads", arch.num_attention_heads),
-        ("num_key_value_heads (query groups)", arch.num_query_groups),
-        ("intermediate_size", arch.ffn_hidden_size),
-    ):
-        if size % tp:
-            raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the model's {what} = {size}")
-    if arch.num_layers % pp:
-        raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the model's num_hidden_layers = {arch.num_layers}")
+from megatron_exact.model.config import ModelArch
+from megatron_exact.model.parallel_layout import check_parallel_layout
 
 
 def read_checkpoint_header(checkpoint_dir: Union[str, Path]) -> tuple[ModelArch, int, dict]:
@@ -81,7 +66,7 @@ def build_model_for_checkpoint(
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    validate_parallel_layout(arch, tp, pp)
+    check_parallel_layout(arch, tp, pp)
     if padded_vocab_size % tp or padded_vocab_size < arch.vocab_size:
         raise ValueError(
             f"the checkpoint's padded vocabulary ({padded_vocab_size}) cannot be split over "

@@ -4,7 +4,7 @@ Megatron-Core builds the document/sample/shuffle indices, caches them, blends an
 splits; ``ExactGPTDataset`` only adds, per sample, where its documents begin. They
 come from those indices and the sequence lengths (never from scanning for EOD), so
 they are exact even for data without EOD tokens. Each sample is a dict (the batch
-contract of shared/DESIGN.md), ``S = seq_length``:
+contract: what :func:`megatron_exact.model.packing.pack_batch` takes), ``S = seq_length``:
 
 - ``tokens [S] int64``, ``labels [S] int64`` (Megatron-Core's own);
 - ``position_ids [S] int64``: restart at 0 at every document start in the sample (a
@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -210,24 +211,54 @@ class ExactGPTDataset(GPTDataset):
         return sample
 
 
-def all_segment_lengths(dataset: ExactGPTDataset, sample_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Vectorised ``segment_lengths`` over many samples: ``(lengths, sample_of_piece)``
-    (pieces in sample order; zero-length pieces dropped)."""
+def _sample_documents(dataset: ExactGPTDataset, sample_ids: np.ndarray):
+    """The document pieces of many samples, from the indices alone: ``(documents, lengths,
+    sample_of_piece, first_piece, count, first_offset)`` (pieces in sample order, zero-length
+    ones included; per sample: its first piece, number of pieces, offset into its first document)."""
     shuffle_index, sample_index, document_index = dataset._plain_indices()
-    shuffled = shuffle_index[sample_ids]
+    shuffled = shuffle_index[np.asarray(sample_ids, dtype=np.int64)]
     beg, beg_offset = sample_index[shuffled, 0].astype(np.int64), sample_index[shuffled, 1].astype(np.int64)
     end, end_offset = sample_index[shuffled + 1, 0].astype(np.int64), sample_index[shuffled + 1, 1].astype(np.int64)
     count = end - beg + 1
-    owner = np.repeat(np.arange(len(sample_ids)), count)
+    owner = np.repeat(np.arange(len(shuffled)), count)
     first = np.cumsum(count) - count
     within = np.arange(int(count.sum())) - np.repeat(first, count)
-    docs = document_index[np.repeat(beg, count) + within]
-    lengths = dataset.dataset.sequence_lengths[docs].astype(np.int64)
+    documents = document_index[np.repeat(beg, count) + within]
+    lengths = dataset.dataset.sequence_lengths[documents].astype(np.int64)
     last = first + count - 1
     lengths[last] = np.minimum(lengths[last], end_offset + 1)
     lengths[first] -= beg_offset
+    return documents, lengths, owner, first, count, beg_offset
+
+
+def all_segment_lengths(dataset: ExactGPTDataset, sample_ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Vectorised ``segment_lengths`` over many samples: ``(lengths, sample_of_piece)``
+    (pieces in sample order; zero-length pieces dropped)."""
+    _, lengths, owner, _, _, _ = _sample_documents(dataset, sample_ids)
     keep = lengths > 0
     return lengths[keep], owner[keep]
+
+
+def sample_order_digest(dataset, count: int) -> str:
+    """sha1 of what the first ``count`` samples of ``dataset`` are made of, in order: for each
+    sample its corpus (in a blend), documents, and the token ranges taken from them, from the
+    indices alone (no token is read). Equal digests: the same samples in the same order."""
+    digest = hashlib.sha1()
+    _update_order_digest(digest, dataset, np.arange(count, dtype=np.int64))
+    return digest.hexdigest()
+
+
+def _update_order_digest(digest, dataset, sample_ids: np.ndarray) -> None:
+    if isinstance(dataset, BlendedDataset):
+        corpus = np.asarray(dataset.dataset_index[sample_ids], dtype=np.int64)
+        within = np.asarray(dataset.dataset_sample_index[sample_ids], dtype=np.int64)
+        digest.update(corpus.tobytes())
+        for index, part in enumerate(dataset.datasets):
+            _update_order_digest(digest, part, within[corpus == index])
+        return
+    documents, lengths, _, _, count, beg_offset = _sample_documents(dataset, sample_ids)
+    for array in (count, beg_offset, documents.astype(np.int64), lengths):
+        digest.update(np.ascontiguousarray(array).tobytes())
 
 
 def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:

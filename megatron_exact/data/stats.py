@@ -33,6 +33,10 @@ class ContextStats:
     counts: List[int]
     lower_edges: List[int]
     exact_weights: List[float]
+    alpha: float = exact.DEFAULT_ALPHA
+    gamma: float = exact.DEFAULT_GAMMA
+    eps: float = exact.DEFAULT_EPS
+    loss_weighting: str = "exact"  # the weights are EXACT's; a uniform run weights every target 1
     supervised_tokens: int = 0
     below_quarter: int = 0
     seconds: float = 0.0
@@ -87,15 +91,19 @@ def _constituents(dataset, num_samples: Optional[int]) -> Iterator[Tuple[ExactGP
         yield constituent, sample_index[dataset_index == k]
 
 
-def effective_context_stats(dataset, num_samples: Optional[int] = None, chunk_samples: int = 65536, progress=None) -> ContextStats:
+def effective_context_stats(dataset, num_samples: Optional[int] = None, chunk_samples: int = 65536, progress=None,
+                            alpha: float = exact.DEFAULT_ALPHA, gamma: float = exact.DEFAULT_GAMMA,
+                            eps: float = exact.DEFAULT_EPS, tau: Optional[int] = None) -> ContextStats:
     """Bucket counts over the first ``num_samples`` samples (all if None) of ``dataset``
-    (an ``ExactGPTDataset`` or a Megatron ``BlendedDataset`` of them)."""
+    (an ``ExactGPTDataset`` or a Megatron ``BlendedDataset`` of them), and the EXACT weights
+    of those counts with ``alpha``, ``gamma``, ``eps`` and ``tau`` (None: ``seq_length // 4``)."""
     config = dataset.config
     S = config.sequence_length
     n_buckets = exact.num_buckets(S)
     lower = exact.bucket_lower_edges(n_buckets).numpy().astype(np.int64)
     upper = np.append(lower[1:], S).astype(np.int64)
-    tau = exact.default_tau(S)
+    quarter = exact.default_tau(S)
+    tau = quarter if tau is None else tau
     counts = np.zeros(n_buckets, dtype=np.int64)
     below_quarter = 0
     samples = 0
@@ -107,12 +115,12 @@ def effective_context_stats(dataset, num_samples: Optional[int] = None, chunk_sa
             if not config.document_masking:
                 pieces = np.bincount(owner, weights=pieces, minlength=ids.size).astype(np.int64)
             counts += counts_from_pieces(pieces, lower, upper)
-            below_quarter += int(np.minimum(np.maximum(pieces - 1, 0), tau).sum())
+            below_quarter += int(np.minimum(np.maximum(pieces - 1, 0), quarter).sum())
             samples += ids.size
             if progress:
                 progress(samples)
     seconds = time.perf_counter() - start
-    weights = exact.bucket_weights(torch.from_numpy(counts), tau=tau)
+    weights = exact.bucket_weights(torch.from_numpy(counts), tau=tau, alpha=alpha, gamma=gamma, eps=eps)
     return ContextStats(
         seq_length=S,
         num_samples=samples,
@@ -121,6 +129,9 @@ def effective_context_stats(dataset, num_samples: Optional[int] = None, chunk_sa
         counts=counts.tolist(),
         lower_edges=lower.tolist(),
         exact_weights=[float(w) for w in weights],
+        alpha=alpha,
+        gamma=gamma,
+        eps=eps,
         supervised_tokens=int(counts.sum()),
         below_quarter=below_quarter,
         seconds=seconds,
@@ -140,9 +151,13 @@ def format_table(stats: ContextStats) -> str:
     lines.append(
         f"{stats.supervised_tokens:,} supervised targets in {stats.num_samples:,} samples of {stats.seq_length} "
         f"(document masking {'on' if stats.document_masking else 'off'}); "
-        f"{stats.share_below_quarter:.2%} of the loss mass has context < seq_length/4 = {stats.tau}; "
-        f"* = EXACT tail (lower edge >= tau), weights with alpha={exact.DEFAULT_ALPHA}, gamma={exact.DEFAULT_GAMMA}"
+        f"{stats.share_below_quarter:.2%} of the loss mass has context < seq_length/4 = {stats.seq_length // 4}; "
+        f"* = EXACT tail (lower edge >= tau = {stats.tau}), weights with alpha={stats.alpha}, gamma={stats.gamma}, "
+        f"eps={stats.eps}"
     )
+    if stats.loss_weighting != "exact":
+        lines.append(f"(--loss-weighting {stats.loss_weighting}: the run weights every target 1; the weights above "
+                     "are those --loss-weighting exact would give)")
     return "\n".join(lines)
 
 

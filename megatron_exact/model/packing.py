@@ -1,6 +1,6 @@
 """The one place where a micro-batch of the batch contract becomes model input.
 
-Input (see shared DESIGN.md): ``tokens``, ``labels``, ``loss_mask``,
+Input (the batch contract of :mod:`megatron_exact.data.dataset`): ``tokens``, ``labels``, ``loss_mask``,
 ``position_ids`` of shape ``[b, S]`` and ``cu_seqlens`` of shape ``[b, S+1]``
 (document boundaries inside each sample, padded with ``S``).
 

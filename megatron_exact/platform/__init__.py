@@ -1,4 +1,4 @@
-"""Platform selection: GPU (NCCL, optional Transformer Engine / apex) or CPU (gloo)."""
+"""Platform selection: GPU (NCCL, optional Transformer Engine) or CPU (gloo)."""
 
 from __future__ import annotations
 
@@ -14,11 +14,6 @@ def has_cuda() -> bool:
 def has_transformer_engine() -> bool:
     """Transformer Engine is the GPU fast path; it is useless (and unimportable) without CUDA."""
     return has_cuda() and importlib.util.find_spec("transformer_engine") is not None
-
-
-def has_apex() -> bool:
-    """NVIDIA apex (not the unrelated PyPI package called ``apex``)."""
-    return has_cuda() and importlib.util.find_spec("apex.contrib") is not None
 
 
 def distributed_backend() -> str:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_exact.errors import UserError
-from megatron_exact.loss import add_exact_args, exact_config_from_args
+from megatron_exact.flags import add_data_args, add_exact_args, exact_config_from_args
 from megatron_exact.model.config import PRESETS, ModelArch, RopeScaling, arch_from_hf_config, get_preset
+from megatron_exact.model.parallel_layout import ParallelLayoutError, check_parallel_layout
 
 
 class ConfigError(UserError, ValueError):
@@ -72,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1)
     group.add_argument("--global-batch-size", type=int)
-    group.add_argument("--seq-length", type=int, required=True)
     group.add_argument("--train-iters", type=int, required=True)
-    group.add_argument("--seed", type=int, default=1234)
     group.add_argument("--bf16", action="store_true")
     group.add_argument("--hidden-dropout", type=float, default=0.0,
                        help="dropout after attention and MLP (Megatron-LM's flag; 0 as usual in CPT)")
@@ -103,16 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--adam-eps", type=float, default=1e-8)
     group.add_argument("--clip-grad", type=float, default=1.0)
 
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-path", nargs="+", required=True,
-                       help="Megatron blend: 'prefix' or 'weight1 prefix1 weight2 prefix2 ...'")
-    group.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
-    group.add_argument("--data-cache-path", help="where Megatron-Core caches its sample indices")
-    group.add_argument("--no-document-masking", dest="document_masking", action="store_false",
-                       help="attend across document boundaries (positions 0..S-1, every real token supervised)")
-    group.add_argument("--tokenizer-type", help="default: the data's tokenizer sidecar (checked against it)")
-    group.add_argument("--tokenizer-model", help="default: the data's tokenizer sidecar (checked against it)")
-
+    add_data_args(parser)
     add_exact_args(parser)
 
     group = parser.add_argument_group("checkpointing")
@@ -123,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="load model weights only and start at iteration 0 (CPT from a converted HF checkpoint)")
     group.add_argument("--no-load-optim", action="store_true")
     group.add_argument("--no-load-rng", action="store_true")
+    group.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                       dest="override_opt_param_scheduler", action="store_true",
+                       help="on resume, the learning-rate/weight-decay schedule follows this run's flags (at the "
+                            "checkpoint's step count) instead of the checkpoint's; needed when they differ")
+    group.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                       dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                       help="on resume, keep the checkpoint's learning-rate/weight-decay schedule and ignore "
+                            "this run's schedule flags")
     group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
     group.add_argument("--exit-interval", type=int,
                        help="save (with --save) and exit after an iteration divisible by this; resume with --load")
@@ -338,17 +336,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1", ConfigWarning)
 
     arch = resolve_arch(args)
-    if arch.num_attention_heads % tp:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the model's "
-                          f"{arch.num_attention_heads} attention heads (--num-attention-heads)")
-    if arch.num_query_groups % tp:
-        raise ConfigError(f"--tensor-model-parallel-size {tp} does not divide the model's "
-                          f"{arch.num_query_groups} key/value groups (--num-query-groups)")
     if arch.num_attention_heads % arch.num_query_groups:
         raise ConfigError(f"--num-query-groups {arch.num_query_groups} does not divide "
                           f"--num-attention-heads {arch.num_attention_heads}")
-    if arch.num_layers % pp:
-        raise ConfigError(f"--pipeline-model-parallel-size {pp} does not divide the model's {arch.num_layers} layers")
+    try:
+        check_parallel_layout(arch, tp, pp)
+    except ParallelLayoutError as err:
+        raise ConfigError(str(err)) from None
     extended = args.use_rope_scaling or args.rope_scaling_factor or args.rotary_seq_len_interpolation_factor \
         or args.rotary_base
     if args.seq_length > arch.max_position_embeddings and not extended:
@@ -419,6 +413,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         raise ConfigError("--save-interval needs --save (the checkpoint directory)")
     if args.exit_signal_handler and not args.save:
         raise ConfigError("--exit-signal-handler needs --save (it saves a checkpoint before exiting)")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
+                          "other: give one (this run's schedule, or the checkpoint's)")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load (the checkpoint whose weights to start from)")
     if args.load:

@@ -10,7 +10,8 @@ previous complete checkpoint, which is what a resume loads.
 Contents: ``model`` (sharded), ``optimizer`` (sharded against the model, so
 it reloads under another TP/PP layout), ``opt_param_scheduler``,
 ``rng_state`` (per TP/PP rank; skipped when the layout changed),
-``iteration``, ``data_position`` (consumed samples), ``model_arch``,
+``iteration``, ``data_position`` (consumed samples, and a digest of which samples they
+were in which order), ``model_arch``,
 ``padded_vocab_size``, ``checkpoint_version`` and ``args``; next to them the
 probe logits of the model as trained (``probe_logits.safetensors``, see
 ``megatron_exact/checkpoint/probe.py``).
@@ -58,6 +59,84 @@ class LoadedState:
     consumed_train_samples: int
     directory: Path
     arch_changes: list  # context-extension settings changed from the checkpoint's (weights-only loads)
+    schedule_changes: list = dataclasses.field(default_factory=list)
+    """What differed between the checkpoint's schedule and this run's flags (see SCHEDULE_POLICIES)."""
+    common: dict = dataclasses.field(default_factory=dict, repr=False)
+    """The checkpoint's non-tensor state (data position, recorded arguments, ...)."""
+
+
+# What sets each entry of the scheduler's state (Megatron-Core's state_dict keys, plus the WSD
+# settings it does not save itself), in the trainer's flags; steps count samples.
+SCHEDULE_SETTINGS = {
+    "max_lr": "--lr",
+    "min_lr": "--min-lr",
+    "lr_warmup_steps": "--lr-warmup-iters x --global-batch-size (warm-up samples)",
+    "lr_decay_steps": "--lr-decay-iters (default --train-iters) x --global-batch-size (decay samples)",
+    "lr_decay_style": "--lr-decay-style",
+    "start_wd": "--weight-decay",
+    "end_wd": "--weight-decay",
+    "wd_incr_steps": "--train-iters x --global-batch-size (weight-decay schedule samples)",
+    "wd_incr_style": "weight-decay increment style",
+    "wsd_decay_steps": "--lr-wsd-decay-iters x --global-batch-size (WSD anneal samples)",
+    "lr_wsd_decay_style": "--lr-wsd-decay-style",
+}
+EXTRA_SCHEDULE_STATE = ("wsd_decay_steps", "lr_wsd_decay_style")
+
+# On resume, when this run's schedule flags differ from the checkpoint's (Megatron-LM's choice):
+#   "refuse"     neither flag: stop with a message naming the settings and both flags;
+#   "override"   --override-opt_param-scheduler: this run's settings, at the checkpoint's step count;
+#   "checkpoint" --use-checkpoint-opt_param-scheduler: the checkpoint's settings.
+SCHEDULE_POLICIES = ("refuse", "override", "checkpoint")
+
+
+class ScheduleMismatchError(UserError, ValueError):
+    """The run's learning-rate schedule differs from the checkpoint's and no policy was chosen."""
+
+
+def scheduler_state(scheduler) -> dict:
+    """What a checkpoint keeps of the scheduler: Megatron-Core's state, plus the WSD settings."""
+    state = scheduler.state_dict()
+    state.update({key: getattr(scheduler, key) for key in EXTRA_SCHEDULE_STATE})
+    return state
+
+
+def schedule_differences(saved: dict, scheduler) -> list[str]:
+    """``"setting: checkpoint X, this run Y"`` for every schedule setting that differs."""
+    differences = {}
+    for key, setting in SCHEDULE_SETTINGS.items():
+        if key in saved and saved[key] != getattr(scheduler, key):
+            differences.setdefault(setting, f"{setting}: checkpoint {saved[key]}, this run {getattr(scheduler, key)}")
+    return list(differences.values())
+
+
+def check_schedule(directory: Path, saved: dict, scheduler, policy: str) -> list[str]:
+    """The differences between the ``saved`` schedule and ``scheduler``'s; under the "refuse"
+    policy (SCHEDULE_POLICIES) any difference is an error naming the settings and both flags."""
+    if policy not in SCHEDULE_POLICIES:
+        raise ValueError(f"schedule policy must be one of {SCHEDULE_POLICIES}, got {policy!r}")
+    differences = schedule_differences(saved, scheduler)
+    if differences and policy == "refuse":
+        raise ScheduleMismatchError(
+            f"--load {directory}: this run's learning-rate schedule differs from the checkpoint's ("
+            + "; ".join(differences) + "). Give --override-opt_param-scheduler to follow this run's flags from the "
+            "checkpoint's step on, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's schedule"
+        )
+    return differences
+
+
+def load_scheduler(directory: Path, saved: dict, scheduler, policy: str) -> list[str]:
+    """Restore the scheduler from ``saved`` under ``policy`` (SCHEDULE_POLICIES); returns the differences."""
+    differences = check_schedule(directory, saved, scheduler, policy)
+    # Megatron-Core's own reconciliation (it asserts on a difference when neither flag is set).
+    scheduler.override_opt_param_scheduler = policy == "override"
+    scheduler.use_checkpoint_opt_param_scheduler = policy == "checkpoint"
+    scheduler.load_state_dict(saved)
+    if policy == "checkpoint":
+        for key in EXTRA_SCHEDULE_STATE:
+            if key in saved:
+                setattr(scheduler, key, saved[key])
+        scheduler.step(increment=0)  # the learning rate of the restored settings
+    return differences
 
 
 def _rng_state_object() -> ShardedObject:
@@ -103,6 +182,7 @@ def save_checkpoint(
     consumed_train_samples: int,
     args_record: dict,
     probe: Optional[Probe] = None,
+    train_sample_order_sha1: Optional[str] = None,
 ) -> Path:
     """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it.
 
@@ -118,9 +198,10 @@ def save_checkpoint(
     try:
         state = model_checkpoint_state(
             model, arch, padded_vocab_size, iteration,
-            opt_param_scheduler=scheduler.state_dict(),
+            opt_param_scheduler=scheduler_state(scheduler),
             rng_state=_rng_state_object(),
-            data_position={"consumed_train_samples": consumed_train_samples},
+            data_position={"consumed_train_samples": consumed_train_samples,
+                           "train_sample_order_sha1": train_sample_order_sha1},
             args=args_record,
         )
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
@@ -277,11 +358,13 @@ def load_checkpoint(
     finetune: bool = False,
     load_optimizer: bool = True,
     load_rng: bool = True,
+    schedule_policy: str = "refuse",
 ) -> Optional[LoadedState]:
     """Restore the newest complete checkpoint in ``load`` (None when there is none).
 
     ``finetune`` (and any ``release`` checkpoint, i.e. a converted HF import)
-    loads the model weights only and starts at iteration 0.
+    loads the model weights only and starts at iteration 0. ``schedule_policy``: what to do
+    when the scheduler settings differ from the checkpoint's (SCHEDULE_POLICIES).
     """
     found = find_checkpoint(load) if load else None
     if found is None:
@@ -296,6 +379,8 @@ def load_checkpoint(
     # Build the request with the metadata the checkpoint was saved with (Megatron-LM's way);
     # checkpoints from before it was recorded used OPTIMIZER_METADATA.
     metadata = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or OPTIMIZER_METADATA
+    if not weights_only and load_optimizer:  # refuse before any tensor is read
+        check_schedule(directory, common["opt_param_scheduler"], scheduler, schedule_policy)
     model_state = model.sharded_state_dict()
     request = {"model": model_state}
     if not weights_only:
@@ -311,12 +396,14 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(request, str(directory))
     model.load_state_dict(loaded["model"])
     if weights_only:
-        return LoadedState(iteration=0, consumed_train_samples=0, directory=directory, arch_changes=arch_changes)
+        return LoadedState(iteration=0, consumed_train_samples=0, directory=directory, arch_changes=arch_changes,
+                           common=common)
     # What was asked for, not what came back: the result also holds the checkpoint's common
     # (non-tensor) state, which has an "optimizer" entry whether or not it was requested.
+    schedule_changes = []
     if "optimizer" in request:
         _load_optimizer_state(optimizer, loaded["optimizer"])
-        scheduler.load_state_dict(common["opt_param_scheduler"])
+        schedule_changes = load_scheduler(directory, common["opt_param_scheduler"], scheduler, schedule_policy)
     if "rng_state" in request:
         _restore_rng_state(loaded["rng_state"])
     return LoadedState(
@@ -324,4 +411,6 @@ def load_checkpoint(
         consumed_train_samples=int(common["data_position"]["consumed_train_samples"]),
         directory=directory,
         arch_changes=arch_changes,
+        schedule_changes=schedule_changes,
+        common=common,
     )

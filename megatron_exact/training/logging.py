@@ -3,7 +3,7 @@
 Only one rank logs (the last pipeline stage's first TP/DP/CP rank, where the
 loss is known); :class:`RunLogger` is constructed there and nowhere else.
 
-Metrics file (``--metrics-file``, schema in shared DESIGN.md "Conventions"):
+Metrics file (``--metrics-file``, its fields listed in the README, "Train a uniform / EXACT pair"):
 one JSON object per line, a training line per iteration and a validation
 line (``"split": "valid"``) per evaluation. After a resume from iteration
 ``k`` every line past ``k`` is dropped (atomically) so every iteration
@@ -17,9 +17,11 @@ import os
 import tempfile
 from typing import Optional
 
+import numpy as np
+
 from megatron_exact.model.config import ModelArch
 
-# Model FLOPs per step, as defined in shared DESIGN.md (activation recompute not counted).
+# Model FLOPs per step (activation recompute not counted); tests/training/test_flops.py derives it by hand.
 FLOPS_FORMULA = "6*N_nonemb*T + 6*d*V*T + 6*L*d_attn*sum_docs(l_d^2)"
 
 # Peak dense bf16 TFLOP/s per GPU, looked up by device name (--peak-tflops overrides).
@@ -44,6 +46,13 @@ def model_flops(arch: ModelArch, vocab_size: int, tokens: int, sum_squared_docum
     return (6.0 * non_embedding_parameters(arch) * tokens
             + 6.0 * arch.hidden_size * vocab_size * tokens
             + 6.0 * arch.num_layers * d_attn * sum_squared_document_lengths)
+
+
+def sum_squared_document_lengths(cu_seqlens) -> int:
+    """Sum of the squared document lengths of a batch's ``cu_seqlens [B, S+1]`` (the attention term of
+    the FLOP count): the lengths are its steps, and its padding entries (repeats of ``S``) add 0."""
+    steps = np.diff(np.asarray(cu_seqlens, dtype=np.int64).reshape(-1, np.shape(cu_seqlens)[-1]), axis=1)
+    return int((steps * steps).sum())
 
 
 def throughput(flops: float, step_time_s: float, world_size: int, peak: Optional[float]) -> tuple[float, Optional[float]]:

@@ -39,16 +39,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_exact.checkpoint.probe import Probe, probe_documents, probe_positions
-from megatron_exact.data.dataset import build_train_valid_test_datasets
+from megatron_exact.data.dataset import build_train_valid_test_datasets, sample_order_digest
 from megatron_exact.data.tokenizers import build_tokenizer
-from megatron_exact.loss import ExactLoss, exact_config_from_args
+from megatron_exact.flags import exact_config_from_args
+from megatron_exact.loss import ExactLoss
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
-from megatron_exact.model.packing import PackedBatch, batch_from_documents, document_lengths, pack_batch, pad_multiple
+from megatron_exact.model.packing import PackedBatch, batch_from_documents, pack_batch, pad_multiple
 from megatron_exact.platform.distributed import initialize_model_parallel
-from megatron_exact.training.arguments import RunLayout
+from megatron_exact.training.arguments import ConfigError, RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
-from megatron_exact.training.logging import RunLogger, model_flops, peak_tflops, tail_share, throughput
+from megatron_exact.training.logging import (RunLogger, model_flops, peak_tflops, sum_squared_document_lengths, tail_share,
+                                             throughput)
 from megatron_exact.training.validation import BucketedCrossEntropy
 
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")
@@ -85,17 +87,48 @@ def split_sample_counts(args: argparse.Namespace) -> tuple[int, int, int]:
     return args.train_iters * gbs, args.eval_iters * gbs, 0
 
 
+def schedule_policy(args: argparse.Namespace) -> str:
+    """What a resume does when the schedule flags differ from the checkpoint's (Megatron-LM's flags)."""
+    if args.override_opt_param_scheduler:
+        return "override"
+    return "checkpoint" if args.use_checkpoint_opt_param_scheduler else "refuse"
+
+
 def collate(samples: list[dict]) -> dict:
     return {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in SAMPLE_KEYS}
 
 
-def batch_sha1(samples: list[dict]) -> str:
-    """Hash of a global batch's tokens and labels (in sample order): equal across paired runs."""
+def sample_sha1(sample: dict) -> bytes:
+    """sha1 of one sample's tokens and labels (int64 bytes)."""
     digest = hashlib.sha1()
-    for sample in samples:
-        digest.update(torch.as_tensor(sample["tokens"]).to(torch.int64).numpy().tobytes())
-        digest.update(torch.as_tensor(sample["labels"]).to(torch.int64).numpy().tobytes())
+    digest.update(torch.as_tensor(sample["tokens"]).to(torch.int64).numpy().tobytes())
+    digest.update(torch.as_tensor(sample["labels"]).to(torch.int64).numpy().tobytes())
+    return digest.digest()
+
+
+def combine_sample_sha1s(digests) -> str:
+    """``batch_sha1`` from the per-sample digests of a global batch, in sample order."""
+    digest = hashlib.sha1()
+    for sample_digest in digests:
+        digest.update(bytes(sample_digest))
     return digest.hexdigest()
+
+
+def batch_sha1(samples: list[dict]) -> str:
+    """Hash of a global batch's tokens and labels (in sample order): equal across paired runs and
+    parallel layouts. The trainer builds it from the digests each data-parallel rank takes of its
+    own samples (:meth:`Trainer._gather_batch_record`); this is the same value from the samples."""
+    return combine_sample_sha1s(sample_sha1(sample) for sample in samples)
+
+
+@dataclasses.dataclass
+class StepData:
+    """What one rank learns of its own samples while fetching a step's micro-batches, for the log:
+    their digests (in this rank's order: micro-batch by micro-batch) and the sum over their
+    documents of the squared lengths (the attention term of the FLOP count)."""
+
+    sample_sha1s: list
+    squared_document_lengths: int
 
 
 class Trainer:
@@ -131,6 +164,7 @@ class Trainer:
                 args.load, self.module, self.optimizer, self.scheduler,
                 arch=arch, padded_vocab_size=self.padded_vocab_size, finetune=args.finetune,
                 load_optimizer=not args.no_load_optim, load_rng=not args.no_load_rng,
+                schedule_policy=schedule_policy(args),
             )
             if loaded is not None:
                 self.iteration, self.consumed_train_samples = loaded.iteration, loaded.consumed_train_samples
@@ -138,9 +172,33 @@ class Trainer:
                             f"{self.consumed_train_samples} samples consumed{', weights only' if args.finetune else ''})")
                 for change in loaded.arch_changes:
                     self._print(f"context extension: {change} (the checkpoint's setting -> this run's)")
+                if loaded.schedule_changes:
+                    kept = ("this run's flags (--override-opt_param-scheduler)" if args.override_opt_param_scheduler
+                            else "the checkpoint's (--use-checkpoint-opt_param-scheduler)")
+                    self._print(f"learning-rate schedule from {kept}; differences: "
+                                + "; ".join(loaded.schedule_changes))
+                if not args.finetune:
+                    self._check_data_order(loaded)
             else:
                 self._print(f"--load {args.load}: no checkpoint yet, starting from scratch")
         self.logger = RunLogger(args, self.iteration) if self.is_logging_rank else None
+
+    def _check_data_order(self, loaded) -> None:
+        """Refuse a resume that would read the consumed samples in another order (so repeat or skip
+        some): the data indices depend on the number of samples asked for (``--train-iters``)."""
+        recorded = loaded.common.get("data_position", {}).get("train_sample_order_sha1")
+        if recorded is None or self.iteration >= self.args.train_iters:
+            return
+        if sample_order_digest(self.train_dataset, self.consumed_train_samples) != recorded:
+            before = (loaded.common.get("args") or {}).get("train_iters")
+            raise ConfigError(
+                f"--load {loaded.directory}: with --train-iters {self.args.train_iters} the training data comes in "
+                f"another order than the checkpoint's run (--train-iters {before}) read it, so the extension would "
+                f"repeat or skip samples: Megatron-Core shuffles all the epochs a plan needs together, and this plan "
+                f"needs another number of epochs of the training split (or --data-path, --split, --seed or "
+                f"--seq-length changed). Extend within the epochs the first plan needed, or start a new run from "
+                f"these weights (--load {loaded.directory.parent} --finetune, a new --save)"
+            )
 
     # -- construction ---------------------------------------------------------------
     def _build_model_and_optimizer(self) -> None:
@@ -217,6 +275,8 @@ class Trainer:
             wd_incr_style="constant",
             wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
             lr_wsd_decay_style=args.lr_wsd_decay_style,
+            use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=args.override_opt_param_scheduler,
         )
 
     def _build_data(self, tokenizer_record: dict) -> None:
@@ -233,14 +293,19 @@ class Trainer:
             self._print(f"--split {args.split} has no validation part: validation is off")
 
     # -- data -------------------------------------------------------------------------
-    def _microbatches(self, dataset, first_sample: int) -> list[PackedBatch]:
-        """This rank's micro-batches of the global batch starting at sample ``first_sample``."""
+    def _microbatches(self, dataset, first_sample: int, step_data: Optional[StepData] = None) -> list[PackedBatch]:
+        """This rank's micro-batches of the global batch starting at sample ``first_sample``
+        (and, into ``step_data``, what the log needs to know of them)."""
         args, layout = self.args, self.layout
         mbs, dp = args.micro_batch_size, layout.data_parallel_size
         microbatches = []
         for j in range(layout.num_microbatches):
             start = first_sample + j * mbs * dp + self.dp_rank * mbs
-            batch = collate([dataset[start + i] for i in range(mbs)])
+            samples = [dataset[start + i] for i in range(mbs)]
+            batch = collate(samples)
+            if step_data is not None:
+                step_data.sample_sha1s.extend(sample_sha1(sample) for sample in samples)
+                step_data.squared_document_lengths += sum_squared_document_lengths(batch["cu_seqlens"])
             packed = pack_batch(
                 batch,
                 context_parallel_size=args.context_parallel_size,
@@ -413,6 +478,7 @@ class Trainer:
             args.save, self.iteration, self.module, self.optimizer, self.scheduler,
             arch=self.arch, padded_vocab_size=self.padded_vocab_size,
             consumed_train_samples=self.consumed_train_samples, args_record=record, probe=self.probe(),
+            train_sample_order_sha1=sample_order_digest(self.train_dataset, self.consumed_train_samples),
         )
         self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
 
@@ -431,17 +497,18 @@ class Trainer:
         evaluated_at = None
         while self.iteration < args.train_iters:
             step_start = time.time()
-            microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples)
+            step_data = StepData([], 0)
+            microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples, step_data)
             lr = self.optimizer.param_groups[0]["lr"]
             stats, grad_norm, skipped = self.train_step(microbatches)
-            first_sample = self.consumed_train_samples
+            logged = self._gather_batch_record(step_data)
             self.iteration += 1
             self.consumed_train_samples += gbs
             step_time = time.time() - step_start
             interval_time += step_time
             interval_iterations += 1
             if self.logger:
-                self._log_iteration(stats, lr, grad_norm, skipped, first_sample, step_time,
+                self._log_iteration(stats, lr, grad_norm, skipped, logged, step_time,
                                     interval_time, interval_iterations, peak)
             if self.iteration % args.log_interval == 0:
                 interval_time, interval_iterations = 0.0, 0
@@ -470,10 +537,38 @@ class Trainer:
         if args.save and saved_at != self.iteration:
             self.save()
 
-    def _log_iteration(self, stats, lr, grad_norm, skipped, first_sample, step_time, interval_time,
+    def _gather_batch_record(self, step_data: StepData) -> Optional[tuple[str, int]]:
+        """``(batch_sha1, squared document lengths of the global batch)`` on the logging rank, from
+        what every data-parallel rank fetched for itself (None elsewhere). Only the ranks holding
+        the logging rank's model part (its data-parallel group) take part: one small all-gather of
+        20 bytes per sample and one integer per rank."""
+        in_logging_group = (self.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+                            and parallel_state.get_context_parallel_rank() == 0)
+        if not in_logging_group:
+            return None
+        mbs, dp = self.args.micro_batch_size, self.layout.data_parallel_size
+        digests = torch.tensor([list(digest) for digest in step_data.sample_sha1s], dtype=torch.uint8,
+                               device=self.device)
+        squared = torch.tensor([step_data.squared_document_lengths], dtype=torch.int64, device=self.device)
+        if dp > 1:
+            group = parallel_state.get_data_parallel_group()
+            all_digests = [torch.empty_like(digests) for _ in range(dp)]
+            torch.distributed.all_gather(all_digests, digests, group=group)
+            torch.distributed.all_reduce(squared, group=group)
+        else:
+            all_digests = [digests]
+        if not self.is_logging_rank:
+            return None
+        per_rank = [rows.cpu().numpy() for rows in all_digests]
+        # Global sample order: micro-batch j of DP rank r holds samples j*mbs*DP + r*mbs + [0, mbs).
+        ordered = (per_rank[r][j * mbs + i].tobytes() for j in range(self.layout.num_microbatches)
+                   for r in range(dp) for i in range(mbs))
+        return combine_sample_sha1s(ordered), int(squared)
+
+    def _log_iteration(self, stats, lr, grad_norm, skipped, logged, step_time, interval_time,
                        interval_iterations, peak) -> None:
         args = self.args
-        samples = [self.train_dataset[first_sample + i] for i in range(args.global_batch_size)]
+        sha1, squared = logged
         tokens_processed = args.global_batch_size * args.seq_length
         edges = stats["bucket_lower_edges"]
         weights = stats["bucket_weights"]
@@ -498,7 +593,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": stats["tokens"],
             "consumed_samples": self.consumed_train_samples,
-            "batch_sha1": batch_sha1(samples),
+            "batch_sha1": sha1,
             "step_time_s": step_time,
             "exact": exact,
         }
@@ -517,7 +612,6 @@ class Trainer:
             tokens_per_s = tokens_processed * interval_iterations / max(interval_time, 1e-9)
             tflops = mfu = None
             if torch.cuda.is_available():
-                squared = sum(length * length for s in samples for length in document_lengths(s["cu_seqlens"].view(1, -1)))
                 flops = model_flops(self.arch, self.padded_vocab_size, tokens_processed, squared)
                 tflops, mfu = throughput(flops, step_time, self.layout.world_size, peak)
             printable = dict(record, loss=record["loss"] if record["loss"] is not None else float("nan"),

@@ -83,9 +83,9 @@ def test_missing_and_unknown_tensors(hf_models, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide the model's num_attention_heads = 4"),
-        (["--tensor-model-parallel-size", "4"], "--tensor-model-parallel-size 4 does not divide the model's num_key_value_heads"),
-        (["--pipeline-model-parallel-size", "3"], "--pipeline-model-parallel-size 3 does not divide the model's num_hidden_layers = 2"),
+        (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3 does not divide the model's 4 attention heads"),
+        (["--tensor-model-parallel-size", "4"], "--tensor-model-parallel-size 4 does not divide the model's 2 key/value groups"),
+        (["--pipeline-model-parallel-size", "3"], "--pipeline-model-parallel-size 3 does not divide the model's 2 layers"),
     ],
 )
 def test_bad_parallel_layout(flags, message, hf_models, tmp_path, capsys):

@@ -98,3 +98,63 @@ def test_cli_writes_table_json_and_png(tmp_path):
     assert [b["count"] for b in record["buckets"]] == [16, 12, 3]
     assert record["buckets"][-1]["cumulative_share"] == pytest.approx(1.0)
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _stats_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("effective_context_stats", os.path.join(REPO, "tools",
+                                                                                          "effective_context_stats.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stats_tool_takes_the_trainers_data_and_exact_flags_and_defaults(tmp_path, capsys):
+    """The tool parses a training command's data and EXACT flags with the trainer's defaults, and
+    reports what that run sees: the train part of the trainer's default --split under its default
+    --seed, with the weights of its --exact-* flags (checked against the reference formula)."""
+    from megatron_exact.training.arguments import parse_args
+    from tests import exact_reference as ref
+
+    tool = _stats_tool()
+    lengths = [5 + (7 * d) % 45 for d in range(120)]
+    _write(str(tmp_path / "d"), lengths)
+    data = ["--data-path", str(tmp_path / "d"), "--seq-length", "64", "--tokenizer-type", "ByteTokenizer"]
+    exact_flags = ["--loss-weighting", "exact", "--exact-alpha", "0.4", "--exact-gamma", "1.0", "--exact-tau", "8"]
+    trainer_args = parse_args(["--model", "tiny-qwen2", "--train-iters", "1", "--lr", "1e-3", *data, *exact_flags])
+    tool_args = tool.get_args(data + exact_flags)
+    for name in ("split", "seed", "document_masking", "exact_alpha", "exact_gamma", "exact_eps", "exact_tau",
+                 "loss_weighting"):
+        assert getattr(tool_args, name) == getattr(trainer_args, name), name
+    assert (tool_args.split, tool_args.seed) == ("969,30,1", 1234)
+
+    assert tool.main(data + exact_flags + ["--num-samples", "20", "--json", str(tmp_path / "s.json")]) == 0
+    record = json.loads((tmp_path / "s.json").read_text())
+    # Independently: the trainer's train part (same split, seed and sample count), counted per sample.
+    train, _, _ = build_train_valid_test_datasets([str(tmp_path / "d")], trainer_args.split, 64, trainer_args.seed,
+                                                  (20, 0, 0), tokenizer=build_tokenizer("ByteTokenizer"))
+    n = ref.n_buckets_for(64)
+    counts = [0] * n
+    for i in range(20):
+        sample = train[i]
+        per_sample = ref.bucket_counts(ref.document_positions(sample["cu_seqlens"].tolist(), 64),
+                                       sample["loss_mask"].tolist(), n)
+        counts = [a + b for a, b in zip(counts, per_sample)]
+    assert [b["count"] for b in record["buckets"]] == counts
+    expected = ref.bucket_weights(counts, tau=8, alpha=0.4, gamma=1.0)
+    assert [b["exact_weight"] for b in record["buckets"]] == pytest.approx(expected, rel=1e-6)
+    assert record["tau"] == 8 and record["alpha"] == 0.4 and record["gamma"] == 1.0
+    assert "lower edge >= tau = 8), weights with alpha=0.4, gamma=1.0" in capsys.readouterr().out
+    # The defaults matter here: another split or seed gives other samples.
+    for other in (["--split", "100,0,0"], ["--seed", "7"]):
+        assert tool.main(data + exact_flags + other + ["--num-samples", "20", "--json", str(tmp_path / "o.json")]) == 0
+        assert [b["count"] for b in json.loads((tmp_path / "o.json").read_text())["buckets"]] != counts, other
+
+
+def test_stats_tool_refuses_bad_exact_values_naming_the_flag(tmp_path, capsys):
+    _write(str(tmp_path / "d"), [20, 20, 20])
+    argv = ["--data-path", str(tmp_path / "d"), "--seq-length", "32", "--tokenizer-type", "ByteTokenizer",
+            "--exact-gamma", "-1"]
+    assert _stats_tool().main(argv) == 1
+    assert "effective_context_stats.py: error: --exact-gamma must be >= 0, got -1.0" in capsys.readouterr().err

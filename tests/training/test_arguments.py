@@ -48,8 +48,15 @@ def test_attention_heads_not_divisible_by_tp(byte_corpus):
 
 def test_kv_groups_not_divisible_by_tp(byte_corpus):
     # tiny-qwen2: 4 heads, 2 key/value groups.
-    with pytest.raises(ConfigError, match=r"does not divide the model's 2 key/value groups \(--num-query-groups\)"):
+    with pytest.raises(ConfigError, match=r"does not divide the model's 2 key/value groups \(--num-query-groups, "
+                                          r"HF num_key_value_heads\)"):
         validate(flags(byte_corpus, "--tensor-model-parallel-size", "4"), world_size=4)
+
+
+def test_ffn_width_not_divisible_by_tp(byte_corpus):
+    # Megatron-Core's column-parallel FFN splits its width evenly (the converter's rule too).
+    with pytest.raises(ConfigError, match=r"--tensor-model-parallel-size 2 does not divide the model's 97 FFN width"):
+        validate(flags(byte_corpus, "--tensor-model-parallel-size", "2", "--ffn-hidden-size", "97"), world_size=2)
 
 
 def test_layers_not_divisible_by_pp(byte_corpus):

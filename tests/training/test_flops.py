@@ -14,7 +14,7 @@ import torch
 from megatron_exact.model.config import ModelArch
 from megatron_exact.model.families import QWEN2, QWEN3
 from megatron_exact.model.packing import document_lengths
-from megatron_exact.training.logging import model_flops, non_embedding_parameters, throughput
+from megatron_exact.training.logging import model_flops, non_embedding_parameters, sum_squared_document_lengths, throughput
 
 # d = 8, 2 query heads of 4 channels, 1 key/value group, SwiGLU of 12, 2 layers, QKV bias, 16 tokens.
 ARCH = ModelArch(family=QWEN2.model_type, num_layers=2, hidden_size=8, ffn_hidden_size=12, num_attention_heads=2,
@@ -66,6 +66,7 @@ def test_step_flops_and_mfu_by_hand():
     expected = dense + output_layer + attention
     assert expected == 261312
     assert model_flops(ARCH, 16, tokens, sum(n * n for n in lengths)) == expected
+    assert sum_squared_document_lengths(cu_seqlens) == squared  # what the trainer gives model_flops
 
     # 261312 FLOPs in 2 ms on 4 GPUs of 1e-4 peak TFLOP/s: 32.664e-6 TFLOP/s each, MFU 32.664%.
     tflops, mfu = throughput(expected, 0.002, 4, peak=1e-4)
