@@ -157,4 +157,4 @@ def test_stats_tool_refuses_bad_exact_values_naming_the_flag(tmp_path, capsys):
     argv = ["--data-path", str(tmp_path / "d"), "--seq-length", "32", "--tokenizer-type", "ByteTokenizer",
             "--exact-gamma", "-1"]
     assert _stats_tool().main(argv) == 1
-    assert "effective_context_stats.py: error: --exact-gamma must be >= 0, got -1.0" in capsys.readouterr().err
+    assert "effective_context_stats.py: error: --exact-gamma must be a finite number >= 0, got -1.0" in capsys.readouterr().err
