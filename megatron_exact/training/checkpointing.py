@@ -11,7 +11,8 @@ Contents: ``model`` (sharded), ``optimizer`` (sharded against the model, so
 it reloads under another TP/PP layout), ``opt_param_scheduler``,
 ``rng_state`` (per TP/PP rank; skipped when the layout changed),
 ``iteration``, ``data_position`` (consumed samples), ``model_arch``,
-``padded_vocab_size``, ``checkpoint_version`` and ``args``; next to them the
+``padded_vocab_size``, ``checkpoint_version``, ``args`` and ``tokenizer`` (the
+run's tokenizer record, from which HF export writes tokenizer files); next to them the
 probe logits of the model as trained (``probe_logits.safetensors``, see
 ``megatron_exact/checkpoint/probe.py``).
 """
@@ -102,10 +103,12 @@ def save_checkpoint(
     consumed_train_samples: int,
     args_record: dict,
     probe: Optional[Probe] = None,
+    tokenizer: Optional[dict] = None,
 ) -> Path:
     """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it.
 
-    ``probe``: the probe logits, from the one rank that has them (``checkpoint/probe.py``).
+    ``probe``: the probe logits, from the one rank that has them (``checkpoint/probe.py``);
+    ``tokenizer``: the tokenizer record of the run (``data/tokenizers.tokenizer_description``).
     """
     final = checkpoint_dir(save, iteration)
     holder = [None]
@@ -121,6 +124,7 @@ def save_checkpoint(
             rng_state=_rng_state_object(),
             data_position={"consumed_train_samples": consumed_train_samples},
             args=args_record,
+            tokenizer=tokenizer,
         )
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
         dist_checkpointing.save(state, str(tmp), content_metadata=OPTIMIZER_METADATA)
