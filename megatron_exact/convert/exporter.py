@@ -31,22 +31,16 @@ from megatron_exact.convert.megatron_checkpoint import (
 from megatron_exact.convert.safetensors_stream import SafetensorsWriter
 from megatron_exact.atomic_io import atomic_directory
 from megatron_exact.checkpoint import resolve_checkpoint
+from megatron_exact.data.tokenizers import (
+    HF_TOKENIZER_FILES,
+    TokenizerExportError,
+    check_hf_tokenizer_ids,
+    save_hf_tokenizer,
+)
+from megatron_exact.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
 def parse_size(text: Union[str, int]) -> int:
     """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes (HF's ``max_shard_size`` spelling)."""
     if isinstance(text, int):
@@ -66,24 +60,55 @@ def parse_size(text: Union[str, int]) -> int:
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
-    copied = [name for name in TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
+    copied = [name for name in HF_TOKENIZER_FILES if (tokenizer_dir / name).is_file()]
     if not copied:
-        raise FileNotFoundError(f"--tokenizer-dir {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES)} found")
+        raise FileNotFoundError(f"--tokenizer-dir {tokenizer_dir}: none of {', '.join(HF_TOKENIZER_FILES)} found")
     for name in copied:
         shutil.copy2(tokenizer_dir / name, out / name)
     return copied
+
+
+def _tokenizer_step(step, *args):
+    try:
+        return step(*args)
+    except TokenizerExportError as err:
+        raise UserError(f"export-hf: {err}; pass --tokenizer-dir with the HF tokenizer files of the tokenizer "
+                        "the run trained with") from None
+
+
+def _write_recorded_tokenizer(record: dict, out: Optional[Path]) -> str:
+    """HF tokenizer files for the checkpoint's tokenizer record into ``out`` (None: only check that
+    they can be written, in a scratch directory)."""
+    import tempfile
+
+    if out is not None:
+        return _tokenizer_step(save_hf_tokenizer, record, str(out))
+    with tempfile.TemporaryDirectory(prefix="export-hf-tokenizer-") as scratch:
+        return _tokenizer_step(save_hf_tokenizer, record, scratch)
 
 
 def _generation_config(recorded: Optional[dict], config: dict) -> dict:
     if recorded:
         generation = dict(recorded)
         generation.pop("transformers_version", None)
+        if "eos_token_id" in config:
+            generation["eos_token_id"] = config["eos_token_id"]
         return generation
     generation = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if config.get(key) is not None:
             generation[key] = config[key]
     return generation
+
+
+def _set_eos_to_eod(config: dict, eod: int) -> None:
+    """``eos_token_id`` is the EOD id the training data used (a list of ids keeps its others)."""
+    eos = config.get("eos_token_id")
+    if eos == eod or (isinstance(eos, list) and eod in eos):
+        return
+    if eos is not None:
+        print(f"export-hf: eos_token_id {eos} -> {eod}, the end-of-document id of the training data", flush=True)
+    config["eos_token_id"] = eod
 
 
 def _recorded_hf_source(common: dict) -> tuple[Optional[dict], Optional[Path]]:
@@ -116,9 +141,11 @@ def export_hf(
     """Write the checkpoint the tracker in ``load`` names (or ``load`` itself) to ``hf_dir_out``.
 
     ``dtype``: ``bf16``/``fp32``/``fp16``; default the checkpoint's stored dtype.
-    ``tokenizer_dir``: where to copy tokenizer files from; default the HF
-    directory the checkpoint was imported from (or the trainer's ``--hf-config``
-    directory), if it still holds tokenizer files.
+    ``tokenizer_dir``: where to copy tokenizer files from; default the tokenizer
+    the run trained with (recorded in a trainer checkpoint: its HF files copied,
+    or generated for ByteTokenizer and SentencePiece), else the HF directory the
+    checkpoint was imported from, if it holds tokenizer files. With a recorded
+    tokenizer, ``eos_token_id`` is the EOD id of the training data.
     """
     from megatron_exact.platform.distributed import initialize_model_parallel
 
@@ -135,9 +162,14 @@ def export_hf(
         arch = arch.replace(max_position_embeddings=trained_length)
     hf_config_dict(arch, torch.float32)  # refuses what a HF config cannot express before any work
     base_config, source_dir = _recorded_hf_source(common)
-    if tokenizer_dir is None and source_dir is not None:
-        if any((source_dir / name).is_file() for name in TOKENIZER_FILES):
+    # The tokenizer the run trained with (a trainer checkpoint records it); else, for an import,
+    # the tokenizer files next to the HF model it came from.
+    tokenizer_record = common.get("tokenizer")
+    if tokenizer_dir is None and tokenizer_record is None and source_dir is not None:
+        if any((source_dir / name).is_file() for name in HF_TOKENIZER_FILES):
             tokenizer_dir = source_dir
+    if tokenizer_dir is None and tokenizer_record is not None:
+        _write_recorded_tokenizer(tokenizer_record, None)  # fails now, before any work, if it cannot
     checkpoint_dtype = stored_dtype(ckpt_dir)
     out_dtype = DTYPES[dtype] if dtype else checkpoint_dtype
 
@@ -184,12 +216,18 @@ def export_hf(
             index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = hf_config_dict(arch, out_dtype, base=base_config)
+        if tokenizer_record is not None:
+            _set_eos_to_eod(config, int(tokenizer_record["eod"]))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = _generation_config(common.get("hf_generation_config"), config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer_dir is not None:
             copied = _copy_tokenizer(Path(tokenizer_dir), tmp)
             print(f"export-hf: copied tokenizer files {', '.join(copied)} from {tokenizer_dir}", flush=True)
+        elif tokenizer_record is not None:
+            written = _write_recorded_tokenizer(tokenizer_record, tmp)
+            _tokenizer_step(check_hf_tokenizer_ids, str(tmp), tokenizer_record)
+            print(f"export-hf: tokenizer the run trained with: {written} (AutoTokenizer gives its ids)", flush=True)
         else:
             print("export-hf: no tokenizer copied (pass --tokenizer-dir); vLLM and generate need one", flush=True)
     del model, params

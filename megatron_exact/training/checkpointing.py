@@ -12,7 +12,8 @@ it reloads under another TP/PP layout), ``opt_param_scheduler``,
 ``rng_state`` (per TP/PP rank; skipped when the layout changed),
 ``iteration``, ``data_position`` (consumed samples, and a digest of which samples they
 were in which order), ``model_arch``,
-``padded_vocab_size``, ``checkpoint_version`` and ``args``; next to them the
+``padded_vocab_size``, ``checkpoint_version``, ``args`` and ``tokenizer`` (the
+run's tokenizer record, from which HF export writes tokenizer files); next to them the
 probe logits of the model as trained (``probe_logits.safetensors``, see
 ``megatron_exact/checkpoint/probe.py``).
 """
@@ -183,10 +184,12 @@ def save_checkpoint(
     args_record: dict,
     probe: Optional[Probe] = None,
     train_sample_order_sha1: Optional[str] = None,
+    tokenizer: Optional[dict] = None,
 ) -> Path:
     """Write ``{save}/iter_{iteration:07d}`` from every rank (collective), then point the tracker at it.
 
-    ``probe``: the probe logits, from the one rank that has them (``checkpoint/probe.py``).
+    ``probe``: the probe logits, from the one rank that has them (``checkpoint/probe.py``);
+    ``tokenizer``: the tokenizer record of the run (``data/tokenizers.tokenizer_description``).
     """
     final = checkpoint_dir(save, iteration)
     holder = [None]
@@ -203,6 +206,7 @@ def save_checkpoint(
             data_position={"consumed_train_samples": consumed_train_samples,
                            "train_sample_order_sha1": train_sample_order_sha1},
             args=args_record,
+            tokenizer=tokenizer,
         )
         state["optimizer"] = optimizer.sharded_state_dict(state["model"], metadata=OPTIMIZER_METADATA)
         try:

@@ -40,7 +40,7 @@ from megatron.core.transformer.module import Float16Module
 
 from megatron_exact.checkpoint.probe import Probe, probe_documents, probe_positions
 from megatron_exact.data.dataset import build_train_valid_test_datasets, sample_order_digest
-from megatron_exact.data.tokenizers import build_tokenizer
+from megatron_exact.data.tokenizers import build_tokenizer, tokenizer_description
 from megatron_exact.flags import exact_config_from_args
 from megatron_exact.loss import ExactLoss
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
@@ -282,6 +282,10 @@ class Trainer:
     def _build_data(self, tokenizer_record: dict) -> None:
         args = self.args
         tokenizer = build_tokenizer(tokenizer_record["tokenizer_type"], tokenizer_record.get("tokenizer_model"))
+        # What the checkpoints record (and export-hf writes HF files from); the dataset checks it
+        # against every corpus' sidecar by fingerprint.
+        self.tokenizer_record = tokenizer_description(
+            tokenizer_record["tokenizer_type"], tokenizer_record.get("tokenizer_model"), tokenizer)
         sample_counts = split_sample_counts(args)
         self.train_dataset, self.valid_dataset, _ = build_train_valid_test_datasets(
             args.data_path, args.split, args.seq_length, args.seed, sample_counts,
@@ -479,6 +483,7 @@ class Trainer:
             arch=self.arch, padded_vocab_size=self.padded_vocab_size,
             consumed_train_samples=self.consumed_train_samples, args_record=record, probe=self.probe(),
             train_sample_order_sha1=sample_order_digest(self.train_dataset, self.consumed_train_samples),
+            tokenizer=self.tokenizer_record,
         )
         self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
 

@@ -52,8 +52,9 @@ def test_step0_loss_equals_transformers_and_trained_checkpoint_exports(byte_corp
     assert objective > lm_loss * 1.01  # the tail is up-weighted on this batch: the two checks differ
 
     # The trainer's own checkpoint (optimizer state and all) exports; logits agree with it (--verify),
-    # the weights moved, and the token ids come from the --hf-config the run recorded.
+    # the weights moved, the token ids come from the --hf-config the run recorded except EOS, which is the
+    # data's end-of-document id (ByteTokenizer's 256).
     out = export_hf(tmp_path / "trained", tmp_path / "trained_hf", verify=True, verify_tolerance=1e-4)
     exported = load_hf_model(out)
-    assert exported.config.eos_token_id == 2 and exported.config.bos_token_id == 1
+    assert exported.config.eos_token_id == 256 and exported.config.bos_token_id == 1
     assert not torch.equal(exported.model.embed_tokens.weight, tiny_hf.model.model.embed_tokens.weight)
