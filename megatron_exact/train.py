@@ -22,7 +22,9 @@ PROG = "pretrain_exact.py"
 def _main(argv=None) -> int:
     # The CPU backend must be in place before Megatron-Core is imported (no-op on GPU).
     from megatron_exact.platform import setup_platform
+    from megatron_exact.platform.distributed import exit_with_launcher
 
+    exit_with_launcher()
     setup_platform()
     from megatron_exact.training.arguments import ConfigWarning, parse_args, validate_args
 

@@ -78,6 +78,58 @@ def _init_process_group(timeout: datetime.timedelta) -> None:
     )
 
 
+def exit_with_launcher(poll_seconds: float = 1.0) -> bool:
+    """Under torchrun, end this worker when its agent is gone; returns whether it watches.
+
+    torchrun's agent turns SIGTERM/SIGINT into an orderly shutdown of its workers, but a
+    signal it does not handle (SIGUSR1, SIGKILL, ...) ends it outright, and its workers would
+    live on as orphans holding their devices (and, once the step's other ranks are gone,
+    hang in a collective). A daemon thread notices the new parent and kills this process
+    and its own children (Megatron-Core's checkpoint writers) at once, with SIGKILL: a
+    checkpoint being written stays a temporary directory, the tracker keeps naming the
+    previous complete one.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import signal
+    import sys
+    import threading
+    import time
+
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(poll_seconds)
+        print(f"[rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {agent}) is gone: exiting",
+              file=sys.stderr, flush=True)
+        for child in _child_processes(os.getpid()):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:  # exited meanwhile
+                pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="exit-with-launcher", daemon=True).start()
+    return True
+
+
+def _child_processes(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux: from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
 def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
