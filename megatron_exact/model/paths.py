@@ -20,9 +20,11 @@ machine has (:class:`Environment`), and printed as one line at start
   plain vocab-parallel path on CPU, where it is the reference.
   ``--cross-entropy-loss-fusion`` / ``--no-cross-entropy-loss-fusion`` force
   either; ``--cross-entropy-fusion-impl`` picks the implementation: ``liger``
-  (CUDA, TP=1; the default there when installed), ``chunked`` (ours, any
-  device and TP; the default otherwise), or Megatron-Core's own fused
-  cross-entropy over materialised logits, ``native`` or ``te``.
+  (CUDA, TP=1; the default there when installed) or ``chunked`` (ours, any
+  device and TP; the default otherwise). Megatron-LM's values of that flag,
+  ``native`` and ``te``, fuse only the cross-entropy over materialised logits;
+  they are refused (on CPU ``native`` took a minute to compile and its
+  gradients differed from the plain path's by ~1e-3 relative).
 
 A request this machine cannot serve (TE or liger asked for and missing) is an
 error naming the flag; a default that falls back says why in the log line.
@@ -40,7 +42,7 @@ import torch
 from megatron_exact.model.output_loss import DEFAULT_CHUNK_TOKENS, FusedOutputLoss
 
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-CROSS_ENTROPY_FUSION_IMPLS = ("chunked", "liger", "native", "te")
+CROSS_ENTROPY_FUSION_IMPLS = ("chunked", "liger")
 
 
 class PathError(ValueError):
@@ -103,7 +105,7 @@ class ModelPaths:
     attention: str
     norm: str  # torch | liger | transformer_engine
     swiglu: str  # torch | liger | transformer_engine
-    loss: str  # plain | chunked | liger | native | te
+    loss: str  # plain | chunked | liger
     chunk_tokens: int
     reasons: dict
 
@@ -113,16 +115,13 @@ class ModelPaths:
 
     def output_loss(self) -> Optional[FusedOutputLoss]:
         """The fused output loss to build the model with (None: Megatron-Core computes the loss)."""
-        if self.loss in ("chunked", "liger"):
-            return FusedOutputLoss(impl=self.loss, chunk_tokens=self.chunk_tokens)
-        return None
+        if self.loss == "plain":
+            return None
+        return FusedOutputLoss(impl=self.loss, chunk_tokens=self.chunk_tokens)
 
     def config_overrides(self) -> dict:
         """``TransformerConfig`` fields these paths need."""
-        fields = dict(bias_activation_fusion=self.use_transformer_engine, use_te_activation_func=self.swiglu == "liger")
-        if self.loss in ("native", "te"):
-            fields.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl=self.loss)
-        return fields
+        return dict(bias_activation_fusion=self.use_transformer_engine, use_te_activation_func=self.swiglu == "liger")
 
     def customize_block_spec(self, block) -> None:
         """Put the fused modules into the local spec's ``TransformerBlockSubmodules`` (in place)."""
@@ -143,9 +142,7 @@ class ModelPaths:
     def describe(self) -> str:
         loss = {"plain": "plain (Megatron-Core vocab-parallel CE over full logits)",
                 "chunked": f"fused, chunked vocab-parallel CE ({self.chunk_tokens} tokens per chunk, no full logits)",
-                "liger": "fused, liger fused linear CE (no full logits)",
-                "native": "Megatron-Core fused CE 'native' (full logits)",
-                "te": "Megatron-Core fused CE 'te' (full logits)"}[self.loss]
+                "liger": "fused, liger fused linear CE (no full logits)"}[self.loss]
         parts = [
             f"spec {self.transformer_impl} ({self.reasons['transformer_impl']})",
             f"attention {self.attention} ({self.reasons['attention']})",
@@ -230,8 +227,6 @@ def _loss(request: PathRequest, env: Environment) -> tuple[str, str]:
             raise PathError("--cross-entropy-fusion-impl liger has no vocabulary parallelism: use it with "
                             "--tensor-model-parallel-size 1, or 'chunked'")
         return "liger", why
-    if impl == "te" and not env.transformer_engine:
-        raise PathError("--cross-entropy-fusion-impl te: Transformer Engine is not importable here")
     if impl is not None:
         return impl, why
     if env.liger and tp == 1:
@@ -250,8 +245,8 @@ def add_path_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="output layer + cross-entropy without full-vocabulary logits (default: on with CUDA, "
                             "off on CPU where the plain path is the reference)")
     group.add_argument("--cross-entropy-fusion-impl", choices=CROSS_ENTROPY_FUSION_IMPLS,
-                       help="liger (CUDA, TP=1; default there when installed), chunked (any device/TP; default "
-                            "otherwise), or Megatron-Core's fused CE over full logits: native, te")
+                       help="liger (CUDA, TP=1; default there when installed) or chunked (any device and TP; "
+                            "default otherwise)")
     group.add_argument("--cross-entropy-chunk-tokens", type=int, default=DEFAULT_CHUNK_TOKENS,
                        help="tokens per chunk of the chunked implementation")
     group.add_argument("--no-norm-fusion", dest="norm_fusion", action="store_false",
