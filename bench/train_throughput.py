@@ -104,10 +104,10 @@ def measure(setup: Setup, args, device: torch.device) -> dict:
     from megatron_exact.loss import ExactConfig, ExactLoss
     from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
     from megatron_exact.model.config import get_preset
-    from megatron_exact.model.packing import document_lengths as packed_document_lengths
     from megatron_exact.model.packing import pack_batch
     from megatron_exact.model.paths import PathRequest, select_paths
-    from megatron_exact.training.logging import FLOPS_FORMULA, model_flops, peak_tflops, throughput
+    from megatron_exact.training.logging import (FLOPS_FORMULA, model_flops, peak_tflops,
+                                                 sum_squared_document_lengths, throughput)
 
     cuda = device.type == "cuda"
     bf16 = cuda and not args.fp32
@@ -156,7 +156,7 @@ def measure(setup: Setup, args, device: torch.device) -> dict:
             packed.append(pb)
         packed_steps.append(packed)
         tokens = sum(b["tokens"].numel() for b in step)
-        squared = sum(n * n for b in step for n in packed_document_lengths(b["cu_seqlens"]))
+        squared = sum(sum_squared_document_lengths(b["cu_seqlens"]) for b in step)
         flops.append(model_flops(arch, vocab, tokens, squared))
     tokens_per_step = setup.num_microbatches * setup.micro_batch_size * setup.seq_length
     losses = {name: ExactLoss(ExactConfig(weighting=name), setup.seq_length) for name in ("uniform", "exact")}
