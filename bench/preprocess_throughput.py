@@ -75,13 +75,17 @@ def run(command, env=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--megatron-lm", required=True, help="local Megatron-LM checkout (tag core_v0.16.1)")
+    parser.add_argument("--megatron-lm", help="local Megatron-LM checkout (tag core_v0.16.1); without it the "
+                                              "comparison is skipped")
     parser.add_argument("--megatron-lm-pythonpath", default="", help="extra PYTHONPATH for Megatron-LM's tool")
     parser.add_argument("--documents", type=int, default=20000)
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    if args.megatron_lm is None:
+        print("bench/preprocess_throughput.py: skipped, needs --megatron-lm (a local Megatron-LM checkout)")
+        return
 
     mlm_tool = os.path.join(args.megatron_lm, "tools", "preprocess_data.py")
     if not os.path.isfile(mlm_tool):

@@ -23,6 +23,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_exact.model.attention import PackedDocumentAttention
 from megatron_exact.model.config import ModelArch, RopeScaling
+from megatron_exact.model.output_loss import FusedOutputLoss, GPTModelWithOutputLoss
+from megatron_exact.model.paths import ModelPaths
 from megatron_exact.platform import has_transformer_engine
 
 
@@ -166,20 +168,34 @@ def build_gpt_model(
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     use_transformer_engine: Optional[bool] = None,
+    output_loss: Optional[FusedOutputLoss] = None,
+    paths: Optional[ModelPaths] = None,
 ) -> GPTModel:
     """One pipeline stage of the GPT model for ``arch`` (stage taken from ``parallel_state``).
 
     Everything the model computes comes from ``arch``, RoPE included (base, llama3
     scaling, linear position interpolation), so that the architecture a checkpoint
-    records is the model that trained.
+    records is the model that trained. ``output_loss``: compute the loss without
+    full-vocabulary logits (:mod:`megatron_exact.model.output_loss`); None:
+    Megatron-Core's plain path.
+    ``paths`` (:func:`megatron_exact.model.paths.select_paths`) decides the spec, its
+    fused modules and the output loss instead (build ``config`` with its
+    ``config_overrides()``).
     """
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    model = GPTModel(
+    if paths is not None:
+        if output_loss is not None or use_transformer_engine is not None:
+            raise ValueError("give either paths or output_loss/use_transformer_engine, not both")
+        use_transformer_engine, output_loss = paths.use_transformer_engine, paths.output_loss()
+    spec = block_spec(config, use_transformer_engine)
+    if paths is not None:
+        paths.customize_block_spec(spec)
+    model = GPTModelWithOutputLoss(
         config=config,
-        transformer_layer_spec=block_spec(config, use_transformer_engine),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, make_vocab_size_divisible_by, config.tensor_model_parallel_size),
         max_sequence_length=seq_length,
         pre_process=pre_process,
@@ -191,6 +207,7 @@ def build_gpt_model(
         rope_scaling=arch.rope_scaling is not None,
         rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
         seq_len_interpolation_factor=arch.rotary_seq_len_interpolation_factor,
+        output_loss=output_loss,
     )
     _apply_llama3_rope_scaling(model, arch)
     return model

@@ -20,6 +20,7 @@ from megatron_exact.errors import UserError
 from megatron_exact.flags import add_data_args, add_exact_args, exact_config_from_args
 from megatron_exact.model.config import PRESETS, ModelArch, RopeScaling, arch_from_hf_config, get_preset
 from megatron_exact.model.parallel_layout import ParallelLayoutError, check_parallel_layout
+from megatron_exact.model.paths import PathError, add_path_args, path_request_from_args, select_paths
 
 
 class ConfigError(UserError, ValueError):
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_args(parser)
     add_exact_args(parser)
+    add_path_args(parser)
 
     group = parser.add_argument_group("checkpointing")
     group.add_argument("--save", help="checkpoint directory")
@@ -407,6 +409,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
                 check_writable(path, directory=directory)
             except UserError as err:
                 raise ConfigError(f"{flag} {path}: {err}") from None
+    try:
+        select_paths(path_request_from_args(args))
+    except PathError as err:
+        raise ConfigError(str(err)) from None
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.save_interval and not args.save:

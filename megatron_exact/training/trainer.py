@@ -46,6 +46,7 @@ from megatron_exact.loss import ExactLoss
 from megatron_exact.model.builder import build_gpt_model, padded_vocab_size, transformer_config
 from megatron_exact.model.config import ModelArch
 from megatron_exact.model.packing import PackedBatch, batch_from_documents, pack_batch, pad_multiple
+from megatron_exact.model.paths import path_request_from_args, select_paths
 from megatron_exact.platform.distributed import initialize_model_parallel
 from megatron_exact.training.arguments import ConfigError, RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -218,6 +219,9 @@ class Trainer:
             # Megatron-Core refuses variable lengths with its default MoE token dispatcher
             # ("allgather") even for dense models like ours, where no dispatcher runs.
             overrides["moe_token_dispatcher_type"] = "alltoall"
+        self.paths = select_paths(path_request_from_args(args))
+        self._print(self.paths.describe())
+        overrides.update(self.paths.config_overrides())
         self.config = transformer_config(
             arch,
             tensor_model_parallel_size=tp,
@@ -232,7 +236,7 @@ class Trainer:
         )
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, args.make_vocab_size_divisible_by, tp)
         model = build_gpt_model(arch, self.config, seq_length=args.seq_length,
-                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+                                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, paths=self.paths)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         if args.bf16:
