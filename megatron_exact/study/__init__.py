@@ -1,0 +1,1 @@
+"""Paired-run studies: arms x seeds of the CPT protocol, confidence intervals, one report."""
