@@ -11,7 +11,6 @@ upsampling factors into the weights of a Megatron ``--data-path`` blend
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
@@ -127,9 +126,3 @@ def blend_data_path(buckets: Sequence[LengthBucket], weights: Sequence[float]) -
         if weight > 0:
             path += [f"{weight:.6g}", bucket.prefix]
     return path
-
-
-def read_buckets(output_prefix: str) -> List[LengthBucket]:
-    with open(output_prefix + "_length_buckets.json") as f:
-        record = json.load(f)
-    return [LengthBucket(**b) for b in record["buckets"]]

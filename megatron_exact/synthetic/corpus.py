@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from megatron_exact import atomic_io
-from megatron_exact.synthetic.language import EOD_TOKEN, PAD_TOKEN, UNK_TOKEN, LanguageConfig, SyntheticLanguage
+from megatron_exact.synthetic.language import (EOD_TOKEN, KEY_MARK, PAD_TOKEN, QUERY_MARK, UNK_TOKEN, LanguageConfig,
+                                               SyntheticLanguage)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -56,25 +57,26 @@ def build_tokenizer_dir(language: SyntheticLanguage, out_dir: str) -> None:
 
 
 def probe_spec(language: SyntheticLanguage) -> dict:
-    """The distance-probe task specification of the language (templates, answer set, filler chain)."""
+    """The distance-probe task specification of the language, in the evaluation's specification format.
+
+    The specification's ``words`` filler draws filler words uniformly; the corpus's filler is a
+    Markov chain over the same words (locally more predictable, same vocabulary).
+    """
     return {
+        "format": "megatron_exact.probe_spec",
+        "version": 1,
         "name": f"synthetic-kv-{language.config.fingerprint()}",
-        "description": "key-value recall in the synthetic word language: a fact 'KEY k v' in Markov filler, "
-                       "asked for by 'QUERY k'; the answer is the value word v",
-        "separator": " ",
-        "fact_template": "KEY {key} {answer}",
-        "question_template": "QUERY {key}",
-        "answer_template": "{answer}",
+        "description": "key-value recall in the synthetic word language: a fact 'KEY k v' in filler, asked for "
+                       "by 'QUERY k'; the answer is the value word v",
+        "preamble": "",
+        "fact": f"{KEY_MARK} {{key}} {{answer}}",
+        "question": f"{QUERY_MARK} {{key}}",
         "keys": list(language.keys),
         "answers": list(language.values),
-        "filler": {
-            "kind": "markov",
-            "words": list(language.filler_words),
-            "successors": language.successor_table,
-            "probabilities": language.successor_probabilities,
-            "jump_probability": language.config.jump_probability,
-        },
-        "language": language.config.to_dict(),
+        "separator": " ",
+        "answer_separator": " ",
+        "filler": {"type": "words", "words": list(language.filler_words), "sentence_length": [8, 16],
+                   "sentence_end": ""},
     }
 
 

@@ -155,30 +155,24 @@ class SyntheticLanguage:
 
     # -- probing ------------------------------------------------------------------------
     def probe_prompt(self, rng: random.Random, total_length: int, distance: int, *, evidence: bool = True
-                     ) -> tuple[List[str], str, List[str]]:
-        """A prompt of ``total_length`` words ending in ``QUERY k``, whose fact ``KEY k v`` has its ``v``
-        ``distance`` positions before the position that predicts the answer (the last one).
+                     ) -> tuple[List[str], str]:
+        """A prompt of ``total_length`` words (with the evidence) ending in ``QUERY k``, with ``distance``
+        filler words between the fact ``KEY k v`` and the question (the distance-probe convention).
 
-        Returns ``(words, answer, candidates)``. Without ``evidence`` the three fact words are
-        replaced by filler, everything else identical (same rng draws).
+        Returns ``(words, answer)``. Without ``evidence`` the fact is left out and nothing else
+        changes (the same filler, three words shorter).
         """
-        if distance < 2 or distance > total_length - 3:
-            raise ValueError(f"probe distance {distance} must be in [2, total_length - 3 = {total_length - 3}]")
+        fact_length, question_length = 3, 2
+        before = total_length - fact_length - question_length - distance
+        if distance < 0 or before < 0:
+            raise ValueError(f"probe distance {distance} must be in [0, {total_length - 5}] for a prompt of "
+                             f"{total_length} words")
         key = rng.randrange(self.config.num_keys)
         value = rng.randrange(self.config.num_values)
-        # Positions: answer-predicting position p = total_length - 1 (the key word after QUERY);
-        # fact value at p - distance, fact = [p - distance - 2, p - distance].
-        last = total_length - 1
-        value_at = last - distance
-        before = value_at - 2  # filler words before "KEY k v"
-        between = last - 1 - value_at - 1  # filler words between the fact and "QUERY k"
-        head = self.filler(rng, before)
-        middle = self.filler(rng, between)
-        replacement = self.filler(rng, 3)
-        fact = [KEY_MARK, self.keys[key], self.values[value]] if evidence else replacement
-        words = head + fact + middle + [QUERY_MARK, self.keys[key]]
-        assert len(words) == total_length and (not evidence or words[value_at] == self.values[value])
-        return words, self.values[value], list(self.values)
+        filler = self.filler(rng, before + distance)
+        fact = [KEY_MARK, self.keys[key], self.values[value]] if evidence else []
+        words = filler[:before] + fact + filler[before:] + [QUERY_MARK, self.keys[key]]
+        return words, self.values[value]
 
 
 def language_fingerprint(config: LanguageConfig, documents: int) -> str:

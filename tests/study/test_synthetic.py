@@ -40,23 +40,22 @@ def test_every_recall_repeats_an_earlier_fact_and_lengths_are_heavy_tailed():
     assert 50 < np.median(lengths) < 95 and (lengths >= 512).mean() > 0.03 and lengths.max() <= 2048 + 3 * 64
 
 
-@pytest.mark.parametrize("distance", [2, 17, 300, 509])
+@pytest.mark.parametrize("distance", [0, 17, 300, 507])
 def test_probe_prompt_places_the_fact_at_the_distance(distance):
     language = SyntheticLanguage(LanguageConfig())
-    words, answer, candidates = language.probe_prompt(random.Random(0), 512, distance)
-    ablated, answer_b, _ = language.probe_prompt(random.Random(0), 512, distance, evidence=False)
-    last = len(words) - 1
-    assert len(words) == len(ablated) == 512 and answer == answer_b and answer in candidates
-    assert words[last - 1] == QUERY_MARK and words[last - distance] == answer
-    assert words[last - distance - 2: last - distance] == [KEY_MARK, words[last]]
-    differing = [i for i, (x, y) in enumerate(zip(words, ablated)) if x != y]
-    assert set(differing) <= {last - distance - 2, last - distance - 1, last - distance}
-    assert KEY_MARK not in ablated
+    words, answer = language.probe_prompt(random.Random(0), 512, distance)
+    ablated, answer_b = language.probe_prompt(random.Random(0), 512, distance, evidence=False)
+    assert len(words) == 512 and answer == answer_b and answer in language.values
+    # ... KEY k v <distance filler words> QUERY k
+    fact = len(words) - 2 - distance - 3
+    assert words[fact:fact + 3] == [KEY_MARK, words[-1], answer] and words[-2] == QUERY_MARK
+    assert all(w.startswith("w") for w in words[fact + 3: len(words) - 2])
+    assert ablated == words[:fact] + words[fact + 3:]
 
 
 def test_probe_distance_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="probe distance 510"):
-        SyntheticLanguage().probe_prompt(random.Random(0), 512, 510)
+    with pytest.raises(ValueError, match="probe distance 508"):
+        SyntheticLanguage().probe_prompt(random.Random(0), 512, 508)
 
 
 def test_bad_settings_name_the_setting():
@@ -85,7 +84,7 @@ def test_corpus_build_tokenizer_data_spec_and_reuse(tmp_path):
     assert tokenizer.decode(data[7][:-1].tolist()) == " ".join(language.document(7))
     spec = json.load(open(corpus.probe_spec))
     assert spec["answers"] == language.values and spec["keys"] == language.keys
-    assert spec["filler"]["successors"] == language.successor_table
+    assert set(spec["filler"]["words"]) == set(language.filler_words)
     sidecar = json.load(open(corpus.data_prefix + ".tokenizer_info.json"))
     assert sidecar["tokenizer_model"] == corpus.tokenizer_dir
 
@@ -93,3 +92,12 @@ def test_corpus_build_tokenizer_data_spec_and_reuse(tmp_path):
     assert not again.rebuilt and "reusing" in messages[-1]
     changed = build_corpus(str(tmp_path / "c"), config, 60, log=messages.append)
     assert changed.rebuilt and "documents 50 -> 60" in messages[-1]
+
+
+def test_probe_spec_reads_with_the_evaluation_parser(tmp_path):
+    spec_module = pytest.importorskip("megatron_exact.eval.spec")
+    from megatron_exact.synthetic.corpus import probe_spec
+
+    language = SyntheticLanguage(LanguageConfig())
+    spec = spec_module.parse_spec(probe_spec(language), "synthetic")
+    assert spec.render_fact("k3", "v5") == "KEY k3 v5" and spec.render_question("k3") == "QUERY k3"
