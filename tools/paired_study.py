@@ -36,7 +36,7 @@ def _main(argv=None):
     from megatron_exact.study.runner import run_state
 
     args = get_args(argv)
-    study = Study.from_yaml(args.config, output=args.output)
+    study = Study.from_yaml(args.config, output=args.output, log=lambda message: print(message, flush=True))
     if args.plan:
         for run in study.runs():
             after = f" (from {run.depends_on})" if run.depends_on else ""

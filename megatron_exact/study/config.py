@@ -42,7 +42,7 @@ ABLATION_ALIASES = {"alpha": "exact-alpha", "gamma": "exact-gamma", "tau": "exac
                     "scope": "exact-scope", "normalization": "exact-normalization",
                     "document_masking": "document-masking"}
 TOP_LEVEL = ("name", "output", "seeds", "data", "model", "short_stage", "start_checkpoint", "cpt", "arms",
-             "ablations", "data_arms", "launch", "evaluation")
+             "ablations", "data_arms", "launch", "evaluation", "on_change")
 LAUNCH_MODES = ("local", "commands", "slurm")
 
 
@@ -88,6 +88,7 @@ class StudyConfig:
     data_path: Optional[List[str]] = None  # an existing corpus ...
     synthetic: Optional[LanguageConfig] = None  # ... or the synthetic language
     synthetic_documents: int = 0
+    on_change: str = "refuse"  # a recorded run of other settings: "refuse" (say so and stop) or "rebuild"
     source: str = "<dict>"
 
     @property
@@ -133,6 +134,12 @@ def _loss_flags(value, source: str, where: str) -> Dict[str, Any]:
     return flags
 
 
+def _trainer_default(flag: str):
+    from megatron_exact.training.arguments import build_parser
+
+    return build_parser().get_default(flag.replace("-", "_"))
+
+
 def _ablation_arms(value, base_arms: Dict[str, Dict[str, Any]], source: str) -> Dict[str, Dict[str, Any]]:
     """``ablations: {base: exact, grid: {alpha: [0.15, 0.5], scope: [step, microbatch]}}`` -> one arm per
     combination, named ``exact-alpha0.5-scopemicrobatch`` (settings equal to the base's are omitted)."""
@@ -171,7 +178,7 @@ def _ablation_arms(value, base_arms: Dict[str, Dict[str, Any]], source: str) -> 
                 if option != ("no-document-masking" not in base):
                     label.append(f"masking{'on' if option else 'off'}")
                 continue
-            if base.get(flag) != option:
+            if base.get(flag, _trainer_default(flag)) != option:
                 flags[flag] = option
                 label.append(f"{key}{option}")
         name = "-".join([base_name, *label]) if label else None
@@ -315,8 +322,11 @@ def study_config_from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
             raise _fail(source, "evaluation.probe needs the synthetic corpus's task specification; with "
                                 "data.data_path evaluate the exported models with python -m megatron_exact.eval")
 
+    on_change = raw.get("on_change", "refuse")
+    if on_change not in ("refuse", "rebuild"):
+        raise _fail(source, f"on_change must be 'refuse' or 'rebuild', got {on_change!r}")
     return StudyConfig(
-        name=str(raw.get("name", "study")),
+        on_change=on_change, name=str(raw.get("name", "study")),
         output=resolve(str(raw.get("output", "runs/study"))),
         seeds=seeds, model=model, cpt=cpt, arms=arms, data_arms=data_arms, launch=launch,
         evaluation=evaluation, short_stage=short, start_checkpoint=resolve(start) if start else None,

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -70,6 +71,8 @@ class Run:
     source: Optional[str] = None  # checkpoint directory the run continues from (--load --finetune)
     depends_on: Optional[str] = None  # the run that writes ``source``
     data_arm: bool = False
+    source_digest: Optional[str] = None  # digest of that run: a changed short stage changes its dependents
+    data_identity: Optional[str] = None  # what the data was built from: a rebuilt corpus changes every run
 
     @property
     def save(self) -> str:
@@ -88,7 +91,8 @@ class Run:
         return os.path.join(self.directory, "run.json")
 
     def digest(self) -> str:
-        identity = json.dumps({"flags": self.flags, "source": self.source}, sort_keys=True).encode()
+        identity = json.dumps({"flags": self.flags, "source": self.source, "source_digest": self.source_digest,
+                               "data": self.data_identity}, sort_keys=True).encode()
         return hashlib.sha1(identity).hexdigest()
 
     def trained_iterations(self) -> Optional[int]:
@@ -112,6 +116,7 @@ class StudyData:
     vocab_size: Optional[int] = None
     tokenizer_dir: Optional[str] = None
     probe_spec: Optional[str] = None
+    identity: Optional[str] = None  # the synthetic settings, or the corpus file's size and time
 
 
 def prepare_data(config: StudyConfig, log: Callable[[str], None] = print) -> StudyData:
@@ -124,9 +129,10 @@ def prepare_data(config: StudyConfig, log: Callable[[str], None] = print) -> Stu
 
         corpus = build_corpus(os.path.join(data_dir, "synthetic"), config.synthetic, config.synthetic_documents, log=log)
         data = StudyData([corpus.data_prefix], vocab_size=corpus.vocab_size, tokenizer_dir=corpus.tokenizer_dir,
-                         probe_spec=corpus.probe_spec)
+                         probe_spec=corpus.probe_spec,
+                         identity=f"synthetic:{config.synthetic.fingerprint()}:{config.synthetic_documents}")
     else:
-        data = StudyData(list(config.data_path))
+        data = StudyData(list(config.data_path), identity=json.dumps(_file_stamp(config.data_path[0]), sort_keys=True))
     for arm in config.data_arms:
         prefix = os.path.join(data_dir, "length_buckets", arm.name, "corpus")
         manifest = prefix + "_length_buckets.json"
@@ -170,14 +176,15 @@ def plan(config: StudyConfig, data: StudyData) -> List[Run]:
     runs = []
     for seed in config.seeds:
         seed_dir = os.path.join(config.output, "runs", f"seed{seed}")
-        source, depends = config.start_checkpoint, None
+        source, depends, source_digest = config.start_checkpoint, None, None
         if config.short_stage is not None:
             short_dir = os.path.join(seed_dir, "short")
             flags = {**model, **config.short_stage, "seed": seed, "data-path": data.data_path,
                      "save": os.path.join(short_dir, "checkpoints"), "metrics-file": os.path.join(short_dir, "metrics.jsonl")}
-            short = Run(f"seed{seed}/short", seed, None, short_dir, flag_list(flags), int(config.short_stage["train-iters"]))
+            short = Run(f"seed{seed}/short", seed, None, short_dir, flag_list(flags), int(config.short_stage["train-iters"]),
+                        data_identity=data.identity)
             runs.append(short)
-            source, depends = short.save, short.name
+            source, depends, source_digest = short.save, short.name, short.digest()
         arms = [(name, loss, data.data_path, False) for name, loss in config.arms.items()]
         arms += [(arm.name, arm.loss, data.blends[arm.name], True) for arm in config.data_arms]
         for name, loss, data_path, is_data_arm in arms:
@@ -185,23 +192,41 @@ def plan(config: StudyConfig, data: StudyData) -> List[Run]:
             flags = {**model, **config.cpt, **loss, "seed": seed, "data-path": data_path,
                      "save": os.path.join(run_dir, "checkpoints"), "metrics-file": os.path.join(run_dir, "metrics.jsonl")}
             runs.append(Run(f"seed{seed}/{name}", seed, name, run_dir, flag_list(flags), int(config.cpt["train-iters"]),
-                            source=source, depends_on=depends, data_arm=is_data_arm))
+                            source=source, depends_on=depends, data_arm=is_data_arm, source_digest=source_digest,
+                            data_identity=data.identity))
     return runs
 
 
-def run_state(run: Run) -> str:
-    """``done``, ``partial`` (a checkpoint of the same flags short of the end) or ``missing``;
-    raises when the run directory holds a run of other flags."""
-    if os.path.exists(run.record):
-        with open(run.record) as f:
-            recorded = json.load(f)
-        if recorded.get("digest") != run.digest():
-            old, new = recorded.get("flags", []), run.flags
-            changed = sorted(set(_pairs(old)) ^ set(_pairs(new)))
+def changed_settings(run: Run) -> Optional[str]:
+    """What differs between ``run`` and the run recorded in its directory (None: nothing, or no record)."""
+    if not os.path.exists(run.record):
+        return None
+    with open(run.record) as f:
+        recorded = json.load(f)
+    if recorded.get("digest") == run.digest():
+        return None
+    changed = sorted({flag for flag, _ in set(_pairs(recorded.get("flags", []))) ^ set(_pairs(run.flags))})
+    if recorded.get("data_identity") != run.data_identity:
+        changed.append("the data")
+    if recorded.get("source_digest") != run.source_digest or recorded.get("source") != run.source:
+        changed.append(f"its starting checkpoint ({run.depends_on or run.source})")
+    return ", ".join(changed) or "its record"
+
+
+def run_state(run: Run, on_change: str = "refuse", log: Callable[[str], None] = print) -> str:
+    """``done``, ``partial`` (a checkpoint of the same settings short of the end) or ``missing``.
+
+    A run directory holding a run of other settings is refused (``on_change`` "refuse"), or
+    removed so that the run is redone (``on_change`` "rebuild"), saying what changed.
+    """
+    changed = changed_settings(run)
+    if changed is not None:
+        if on_change != "rebuild":
             raise StudyRunError(
-                f"{run.directory} holds run {run.name} made with other settings "
-                f"(differs in: {', '.join(sorted({c[0] for c in changed})) or 'its starting checkpoint'}); "
+                f"{run.directory} holds run {run.name} made with other settings (differs in: {changed}); "
                 "remove that directory to redo it, or give the study another output directory")
+        log(f"{run.name}: settings changed ({changed}): redoing it")
+        shutil.rmtree(run.directory)
     iterations = run.trained_iterations()
     if iterations is None:
         return "missing"
@@ -225,7 +250,8 @@ def _pairs(flags: List[str]) -> List[tuple]:
 def record_run(run: Run) -> None:
     os.makedirs(run.directory, exist_ok=True)
     atomic_io.write_json(run.record, {"name": run.name, "seed": run.seed, "arm": run.arm, "digest": run.digest(),
-                                      "flags": run.flags, "source": run.source, "train_iters": run.train_iters,
+                                      "flags": run.flags, "source": run.source, "source_digest": run.source_digest,
+                                      "data_identity": run.data_identity, "train_iters": run.train_iters,
                                       "data_arm": run.data_arm})
 
 
@@ -235,7 +261,9 @@ def torchrun_command(run: Run, config: StudyConfig, *, local: bool) -> List[str]
         head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launch.nproc_per_node}"]
     else:
         head = ["torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
-    return [*head, *launch.torchrun_args, str(PRETRAIN), *run.launch_flags()]
+    # Emitted scripts cd into the repository first, so they name the trainer relative to it.
+    trainer = str(PRETRAIN) if local else str(PRETRAIN.relative_to(REPO))
+    return [*head, *launch.torchrun_args, trainer, *run.launch_flags()]
 
 
 def _launch_env(config: StudyConfig) -> dict:
@@ -252,7 +280,7 @@ def launch_local(run: Run, config: StudyConfig, log: Callable[[str], None] = pri
     command = torchrun_command(run, config, local=True)
     start = time.time()
     tail: List[str] = []
-    with open(run.log, "a") as log_file:
+    with open(run.log, "a", buffering=1) as log_file:  # line-buffered: `tail -f` shows progress
         log_file.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(command)}\n")
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env=_launch_env(config), cwd=str(REPO))
@@ -323,7 +351,7 @@ def run_study(config: StudyConfig, *, mode: Optional[str] = None, only: Optional
     runs = plan(config, data)
     if only is not None:
         runs = [r for r in runs if r.name in only]
-    states = {run.name: run_state(run) for run in runs}
+    states = {run.name: run_state(run, config.on_change, log) for run in runs}
     todo = [r for r in runs if states[r.name] != "done"]
     log(f"study {config.name}: {len(runs)} run(s), {len(runs) - len(todo)} done, {len(todo)} to run "
         f"({', '.join(f'{r.name} ({states[r.name]})' for r in todo) or 'none'})")
