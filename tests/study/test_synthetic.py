@@ -1,0 +1,103 @@
+"""The synthetic long-range language: deterministic, facts recalled later, a word-level tokenizer of
+exactly its words, probe prompts with the evidence at the requested distance."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from megatron_exact.synthetic import LanguageConfig, SyntheticLanguage, build_corpus
+from megatron_exact.synthetic.language import KEY_MARK, QUERY_MARK
+
+
+def test_documents_are_deterministic_and_independent_of_order():
+    a, b = SyntheticLanguage(LanguageConfig(seed=3)), SyntheticLanguage(LanguageConfig(seed=3))
+    assert a.document(17) == b.document(17)
+    assert list(a.documents(3, start=15))[2] == " ".join(b.document(17))
+    assert a.document(17) != SyntheticLanguage(LanguageConfig(seed=4)).document(17)
+
+
+def test_every_recall_repeats_an_earlier_fact_and_lengths_are_heavy_tailed():
+    language = SyntheticLanguage(LanguageConfig())
+    lengths, recalls = [], 0
+    for index in range(400):
+        words = language.document(index)
+        lengths.append(len(words))
+        facts = {}
+        for i, word in enumerate(words):
+            if word == KEY_MARK:
+                facts[words[i + 1]] = (i + 2, words[i + 2])
+            elif word == QUERY_MARK:
+                key, value = words[i + 1], words[i + 2]
+                assert key in facts and facts[key][1] == value and facts[key][0] < i, (index, i)
+                recalls += 1
+    lengths = np.array(lengths)
+    assert recalls > 400
+    # Pareto(0.9), scale 32: the median near 32 * 2^(1/0.9) ~ 69, a few documents beyond a 512 window.
+    assert 50 < np.median(lengths) < 95 and (lengths >= 512).mean() > 0.03 and lengths.max() <= 2048 + 3 * 64
+
+
+@pytest.mark.parametrize("distance", [0, 17, 300, 507])
+def test_probe_prompt_places_the_fact_at_the_distance(distance):
+    language = SyntheticLanguage(LanguageConfig())
+    words, answer = language.probe_prompt(random.Random(0), 512, distance)
+    ablated, answer_b = language.probe_prompt(random.Random(0), 512, distance, evidence=False)
+    assert len(words) == 512 and answer == answer_b and answer in language.values
+    # ... KEY k v <distance filler words> QUERY k
+    fact = len(words) - 2 - distance - 3
+    assert words[fact:fact + 3] == [KEY_MARK, words[-1], answer] and words[-2] == QUERY_MARK
+    assert all(w.startswith("w") for w in words[fact + 3: len(words) - 2])
+    assert ablated == words[:fact] + words[fact + 3:]
+
+
+def test_probe_distance_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="probe distance 508"):
+        SyntheticLanguage().probe_prompt(random.Random(0), 512, 508)
+
+
+def test_bad_settings_name_the_setting():
+    with pytest.raises(ValueError, match="unknown setting"):
+        LanguageConfig.from_dict({"num_kyes": 3})
+    with pytest.raises(ValueError, match="pareto_shape"):
+        LanguageConfig(pareto_shape=0)
+
+
+def test_corpus_build_tokenizer_data_spec_and_reuse(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    config = LanguageConfig(max_length=256)
+    messages = []
+    corpus = build_corpus(str(tmp_path / "c"), config, 50, log=messages.append)
+    language = SyntheticLanguage(config)
+    tokenizer = AutoTokenizer.from_pretrained(corpus.tokenizer_dir)
+    assert len(tokenizer) == corpus.vocab_size == len(language.vocabulary)
+    # One id per word, in the language's vocabulary order; the data is exactly the documents + EOD.
+    data = IndexedDataset(corpus.data_prefix)
+    for index in (0, 7, 49):
+        expected = [language.vocabulary.index(w) for w in language.document(index)] + [tokenizer.eos_token_id]
+        assert data[index].tolist() == expected
+    assert tokenizer.decode(data[7][:-1].tolist()) == " ".join(language.document(7))
+    spec = json.load(open(corpus.probe_spec))
+    assert spec["answers"] == language.values and spec["keys"] == language.keys
+    assert set(spec["filler"]["words"]) == set(language.filler_words)
+    sidecar = json.load(open(corpus.data_prefix + ".tokenizer_info.json"))
+    assert sidecar["tokenizer_model"] == corpus.tokenizer_dir
+
+    again = build_corpus(str(tmp_path / "c"), config, 50, log=messages.append)
+    assert not again.rebuilt and "reusing" in messages[-1]
+    changed = build_corpus(str(tmp_path / "c"), config, 60, log=messages.append)
+    assert changed.rebuilt and "documents 50 -> 60" in messages[-1]
+
+
+def test_probe_spec_reads_with_the_evaluation_parser(tmp_path):
+    spec_module = pytest.importorskip("megatron_exact.eval.spec")
+    from megatron_exact.synthetic.corpus import probe_spec
+
+    language = SyntheticLanguage(LanguageConfig())
+    spec = spec_module.parse_spec(probe_spec(language), "synthetic")
+    assert spec.render_fact("k3", "v5") == "KEY k3 v5" and spec.render_question("k3") == "QUERY k3"
