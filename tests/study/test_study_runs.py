@@ -12,7 +12,7 @@ import pytest
 
 from megatron_exact.study import Study
 from megatron_exact.study.runner import StudyRunError, run_state
-from tests.launch import REPO, require_devices
+from tests.launch import REPO, require_devices, run_env
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,11 @@ def _hashes(run_dir):
 
 def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
     require_devices(1)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    env = run_env()  # the study's torchrun jobs get the test device
+    for key in set(os.environ) - set(env):
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     messages = []
     study = Study.from_yaml(str(REPO / "examples" / "study" / "tiny_test.yaml"), output=str(tmp_path / "study"),
                             log=messages.append)
