@@ -149,8 +149,8 @@ def test_tokenizer_transformers_would_load_otherwise_is_refused(kind, exported, 
     from tools.convert_checkpoint import main
 
     record = read_model_record(find_checkpoint(exported[kind].checkpoint)[0])["tokenizer"]
-    recorded = _with_tokenizer_record(exported["ByteTokenizer"], tmp_path / "recorded", **record)
-    assert main(["export-hf", "--load", str(recorded), "--hf-dir-out", str(tmp_path / "out")]) == 1
+    qwen_export = _with_tokenizer_record(exported["ByteTokenizer"], tmp_path / "qwen_export", **record)
+    assert main(["export-hf", "--load", str(qwen_export), "--hf-dir-out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "as Qwen2Tokenizer, which gives other ids than the run trained with" in err and "--tokenizer-dir" in err
     assert not (tmp_path / "out").exists()
