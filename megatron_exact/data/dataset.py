@@ -239,12 +239,18 @@ def all_segment_lengths(dataset: ExactGPTDataset, sample_ids: np.ndarray) -> Tup
     return lengths[keep], owner[keep]
 
 
-def sample_order_digest(dataset, count: int) -> str:
+def sample_order_digest(dataset, count: int, limit: int = 65536) -> str:
     """sha1 of what the first ``count`` samples of ``dataset`` are made of, in order: for each
     sample its corpus (in a blend), documents, and the token ranges taken from them, from the
-    indices alone (no token is read). Equal digests: the same samples in the same order."""
+    indices alone (no token is read). Past ``limit`` samples, of ``limit`` of them evenly spread
+    over the ``count`` (a bounded cost; Megatron-Core's reshuffle for another number of epochs
+    moves all of them). Equal digests: the same samples in the same order."""
+    if count <= limit:
+        sample_ids = np.arange(count, dtype=np.int64)
+    else:
+        sample_ids = np.unique(np.linspace(0, count - 1, limit).astype(np.int64))
     digest = hashlib.sha1()
-    _update_order_digest(digest, dataset, np.arange(count, dtype=np.int64))
+    _update_order_digest(digest, dataset, sample_ids)
     return digest.hexdigest()
 
 

@@ -145,6 +145,9 @@ class Trainer:
             and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
         )
+        # The logging rank's data-parallel group: the ranks whose samples make up its global batch.
+        self.in_logging_group = (self.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+                                 and parallel_state.get_context_parallel_rank() == 0)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -506,7 +509,7 @@ class Trainer:
         evaluated_at = None
         while self.iteration < args.train_iters:
             step_start = time.time()
-            step_data = StepData([], 0)
+            step_data = StepData([], 0) if self.in_logging_group else None
             microbatches = self._microbatches(self.train_dataset, self.consumed_train_samples, step_data)
             lr = self.optimizer.param_groups[0]["lr"]
             stats, grad_norm, skipped = self.train_step(microbatches)
@@ -546,14 +549,12 @@ class Trainer:
         if args.save and saved_at != self.iteration:
             self.save()
 
-    def _gather_batch_record(self, step_data: StepData) -> Optional[tuple[str, int]]:
+    def _gather_batch_record(self, step_data: Optional[StepData]) -> Optional[tuple[str, int]]:
         """``(batch_sha1, squared document lengths of the global batch)`` on the logging rank, from
         what every data-parallel rank fetched for itself (None elsewhere). Only the ranks holding
         the logging rank's model part (its data-parallel group) take part: one small all-gather of
         20 bytes per sample and one integer per rank."""
-        in_logging_group = (self.is_last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
-                            and parallel_state.get_context_parallel_rank() == 0)
-        if not in_logging_group:
+        if step_data is None:
             return None
         mbs, dp = self.args.micro_batch_size, self.layout.data_parallel_size
         digests = torch.tensor([list(digest) for digest in step_data.sample_sha1s], dtype=torch.uint8,

@@ -140,3 +140,36 @@ def test_tokenizer_mismatch_with_sidecar_is_refused(tmp_path):
     other = build_tokenizer("HuggingFaceTokenizer", os.path.join(FIXTURES, "hf_tokenizer"))
     with pytest.raises(ValueError, match="tokenizer_info.json: data was tokenized with vocab_size=258"):
         _build([str(tmp_path / "d_text_document")], other, tmp_path, num_samples=(10, 0, 0))
+
+
+def test_sample_order_digest_tells_orders_apart(corpus):
+    """Equal digests for the same samples in the same order (also of plans asking for other numbers of
+    samples within one epoch); other digests once the plan needs more epochs (Megatron-Core then
+    shuffles the documents of all epochs together), under another seed, or for a blend's other draw.
+    The digest reads the indices only; the truth it is checked against is the samples' tokens."""
+    from megatron_exact.data.dataset import sample_order_digest
+
+    tokenizer = build_tokenizer("ByteTokenizer")
+
+    def train(num_samples, seed=1234, data=(str(corpus / "a"),)):
+        return build_train_valid_test_datasets(list(data), "100,0,0", SEQ, seed, (num_samples, 0, 0),
+                                               tokenizer=tokenizer)[0]
+
+    def tokens(dataset, count):
+        return [dataset[i]["tokens"].tolist() for i in range(count)]
+
+    epoch = len(train(None))
+    short, longer, two_epochs = train(40), train(epoch - 5), train(epoch + 40)
+    assert tokens(short, 40) == tokens(longer, 40) != tokens(two_epochs, 40)
+    assert sample_order_digest(short, 40) == sample_order_digest(longer, 40)
+    assert sample_order_digest(short, 40) != sample_order_digest(two_epochs, 40)
+    assert sample_order_digest(short, 40) != sample_order_digest(train(40, seed=7), 40)
+    assert sample_order_digest(short, 40) != sample_order_digest(short, 39)
+    # Past the limit, an evenly spread subset: still equal for equal orders, different otherwise.
+    assert sample_order_digest(short, 40, limit=8) == sample_order_digest(longer, 40, limit=8)
+    assert sample_order_digest(short, 40, limit=8) != sample_order_digest(two_epochs, 40, limit=8)
+    # A blend: which corpus each sample comes from counts too.
+    blend = ("0.5", str(corpus / "a"), "0.5", str(corpus / "b"))
+    other = ("0.3", str(corpus / "a"), "0.7", str(corpus / "b"))
+    assert sample_order_digest(train(40, data=blend), 40) == sample_order_digest(train(60, data=blend), 40)
+    assert sample_order_digest(train(40, data=blend), 40) != sample_order_digest(train(40, data=other), 40)
