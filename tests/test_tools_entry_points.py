@@ -13,14 +13,15 @@ from megatron_exact import cli
 TOOLS = sorted((Path(__file__).resolve().parents[1] / "tools").glob("*.py"))
 
 
-def _main_block_calls_main(tree: ast.Module) -> bool:
+def _main_call_keywords(tree: ast.Module):
+    """The constant keyword arguments of the ``main(...)`` call in the ``__main__`` block (None: no such call)."""
     for node in tree.body:
         if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
                 and getattr(node.test.left, "id", None) == "__name__"):
-            calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
-            names = [getattr(call.func, "id", None) for call in calls]
-            return "main" in names and all(name in ("main", None) or name == "exit" for name in names)
-    return False
+            calls = [n for n in ast.walk(node) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "main"]
+            if len(calls) == 1 and not calls[0].args:
+                return {k.arg: ast.literal_eval(k.value) for k in calls[0].keywords}
+    return None
 
 
 def test_every_tool_is_checked():
@@ -31,7 +32,8 @@ def test_every_tool_is_checked():
 @pytest.mark.parametrize("tool", TOOLS, ids=[path.name for path in TOOLS])
 def test_tool_entry_point_goes_through_cli_run(tool, monkeypatch):
     tree = ast.parse(tool.read_text())
-    assert _main_block_calls_main(tree), f"{tool.name}: the __main__ block must be sys.exit(main())"
+    keywords = _main_call_keywords(tree)
+    assert keywords is not None, f"{tool.name}: the __main__ block must be sys.exit(main(...))"
     spec = importlib.util.spec_from_file_location(f"tool_{tool.stem}", tool)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # importing a tool runs nothing (the __main__ block does)
@@ -43,7 +45,7 @@ def test_tool_entry_point_goes_through_cli_run(tool, monkeypatch):
         return 7
 
     monkeypatch.setattr(cli, "run", recording_run)
-    assert module.main(["--some-flag"]) == 7
+    assert module.main(["--some-flag"], **keywords) == 7
     assert len(calls) == 1, f"{tool.name}: main() must return cli.run(...)"
     prog, inner, argv = calls[0]
     assert prog == tool.name and argv == ["--some-flag"] and callable(inner)
