@@ -47,6 +47,20 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def read_json(path) -> object:
+    """The JSON value in file ``path``; invalid JSON is a :class:`BadInputError` naming
+    ``path:line:column`` (``json``'s own error names neither the file nor what to do)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{path}:{err.lineno}:{err.colno}: invalid JSON ({err.msg}); fix or re-create the file",
+                            "invalid JSON") from None
+
+
 def describe(error: BaseException) -> str:
     """One line for a user: the message of a :class:`UserError`, or what an OS error
     means and which file it concerns (a full disk says so, with the path)."""

@@ -43,6 +43,23 @@ def _main(argv=None):
     from megatron_exact.errors import UserError
     from megatron_exact.flags import exact_config_from_args
 
+    from megatron_exact.atomic_io import check_writable
+    from megatron_exact.data.dataset import parse_split
+
+    if args.seq_length < 1:
+        raise UserError(f"--seq-length must be positive, got {args.seq_length}")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples must be positive, got {args.num_samples}")
+    parse_split(args.split)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):  # before hours of counting, not after
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise UserError(f"{flag} {path}: directory {parent} does not exist; create it or write elsewhere")
+            try:
+                check_writable(path, directory=False)
+            except UserError as err:
+                raise UserError(f"{flag} {path}: {err}") from None
     _, weights = parse_data_path(args.data_path)
     if weights is not None and args.num_samples is None:
         raise UserError("--num-samples is required with a weighted --data-path blend")
@@ -52,8 +69,10 @@ def _main(argv=None):
         args.data_path, args.split, args.seq_length, args.seed, (args.num_samples, 0, 0),
         document_masking=args.document_masking, cache_path=args.data_cache_path, tokenizer=tokenizer,
     )
-    if train is None:
-        raise UserError(f"--split {args.split} leaves no training samples")
+    if train is None or len(train) == 0:
+        raise UserError(f"--split {args.split} with --seq-length {args.seq_length} leaves no training samples in "
+                        f"{' '.join(args.data_path)}: a sample needs --seq-length + 1 tokens of the train part; "
+                        "give a smaller --seq-length or more data")
     total = len(train) if args.num_samples is None else min(args.num_samples, len(train))
 
     def progress(done):

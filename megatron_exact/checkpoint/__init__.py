@@ -18,11 +18,13 @@ scheduler, RNG and data-position entries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
 from megatron_exact import atomic_io
+from megatron_exact.errors import UserError
 from megatron_exact.model.config import ModelArch, RopeScaling
 
 CHECKPOINT_VERSION = 3.0
@@ -56,9 +58,11 @@ def read_tracker(load: Union[str, Path]) -> Iteration | None:
     try:
         iteration = int(text)
     except ValueError:
-        raise ValueError(f"{path}: expected an iteration number or {RELEASE!r}, found {text!r}") from None
+        raise ValueError(f"{path}: expected an iteration number or {RELEASE!r}, found {text[:80]!r}; write the "
+                         "iteration of a complete checkpoint (an iter_* directory) into it") from None
     if iteration < 0:
-        raise ValueError(f"{path}: negative iteration {iteration}")
+        raise ValueError(f"{path}: negative iteration {iteration}; write the iteration of a complete checkpoint "
+                         "(an iter_* directory) into it")
     return iteration
 
 
@@ -93,11 +97,30 @@ def resolve_checkpoint(load: Union[str, Path], iteration: Iteration | None = Non
             name = load.name
             found: Iteration = RELEASE if name == RELEASE else int(name[5:]) if name.startswith("iter_") else 0
             return load, found
-        raise FileNotFoundError(f"--load {load}: no {TRACKER_FILENAME} and not a checkpoint directory")
+        raise FileNotFoundError(f"{load}: no {TRACKER_FILENAME} and not a checkpoint directory")
     path = checkpoint_dir(load, iteration)
     if not path.is_dir():
-        raise FileNotFoundError(f"--load {load}: tracker names {iteration!r} but {path} does not exist")
+        raise FileNotFoundError(f"{tracker_path(load)} names {iteration!r} but {path} does not exist; point the "
+                                "tracker at a checkpoint that exists (or give its iter_* directory)")
     return path, iteration
+
+
+@contextlib.contextmanager
+def reading_checkpoint(directory: Union[str, Path]):
+    """Around reads of checkpoint ``directory``: a file in it that cannot be read (a truncated or
+    missing ``.distcp``, a damaged ``common.pt``) becomes a :class:`UserError` naming the directory,
+    instead of the reader's EOFError, unpickling or zip error, or torch's CheckpointException
+    (which derives from BaseException)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, UserError):
+        raise
+    except BaseException as err:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        cause = f"{type(err).__name__}: {lines[-1][:300]}" if lines else type(err).__name__
+        raise UserError(f"{directory}: cannot read this checkpoint ({cause}); is a file in it damaged or "
+                        "incomplete (e.g. a truncated .distcp): load another checkpoint (give its iter_* directory) "
+                        "or re-create this one?") from err
 
 
 def arch_to_dict(arch: ModelArch) -> dict:
@@ -136,7 +159,8 @@ def read_model_record(directory: Union[str, Path]) -> dict:
     """The common (non-tensor) state of a checkpoint directory: ``model_arch``, ``args``, ..."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(directory))
+    with reading_checkpoint(directory):
+        return dist_checkpointing.load_common_state_dict(str(directory))
 
 
 def model_checkpoint_state(model, arch: ModelArch, padded_vocab_size: int, iteration: int = 0, **extra) -> dict:

@@ -37,7 +37,7 @@ from megatron_exact.data.tokenizers import (
     check_hf_tokenizer_ids,
     save_hf_tokenizer,
 )
-from megatron_exact.errors import UserError
+from megatron_exact.errors import UserError, read_json
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
@@ -124,7 +124,7 @@ def _recorded_hf_source(common: dict) -> tuple[Optional[dict], Optional[Path]]:
         directory = path.parent if path.name == "config.json" else path
     config = common.get("hf_config")
     if config is None and directory is not None and (directory / "config.json").is_file():
-        config = json.loads((directory / "config.json").read_text())
+        config = read_json(directory / "config.json")
     return config, directory
 
 

@@ -24,6 +24,7 @@ from megatron_exact.convert.safetensors_stream import SafetensorsReader
 from megatron_exact.model.config import UnsupportedModelError, arch_from_hf_config
 from megatron_exact.model.parallel_layout import check_parallel_layout
 from megatron_exact.atomic_io import atomic_directory
+from megatron_exact.errors import read_json
 from megatron_exact.checkpoint import (
     RELEASE,
     checkpoint_dir,
@@ -159,7 +160,6 @@ def import_hf(
     finally:
         weights.close()
 
-    config_text = (hf_dir / "config.json").read_text()
     generation_path = hf_dir / "generation_config.json"
     state = model_checkpoint_state(
         model,
@@ -167,8 +167,8 @@ def import_hf(
         padded_vocab,
         iteration=0,
         # Kept so that export-hf writes back the same token ids and extra fields.
-        hf_config=json.loads(config_text),
-        hf_generation_config=json.loads(generation_path.read_text()) if generation_path.is_file() else None,
+        hf_config=read_json(hf_dir / "config.json"),
+        hf_generation_config=read_json(generation_path) if generation_path.is_file() else None,
         conversion={
             "source": str(hf_dir.resolve()),
             "tensor_model_parallel_size": tensor_model_parallel_size,

@@ -16,7 +16,7 @@ from typing import Union
 
 import torch
 
-from megatron_exact.checkpoint import arch_from_dict, read_model_record
+from megatron_exact.checkpoint import arch_from_dict, read_model_record, reading_checkpoint
 from megatron_exact.model.config import ModelArch
 from megatron_exact.model.parallel_layout import check_parallel_layout
 
@@ -37,7 +37,8 @@ def stored_dtype(checkpoint_dir: Union[str, Path]) -> torch.dtype:
     """The dtype the checkpoint stores the model weights in (that of its word embeddings)."""
     from megatron.core import dist_checkpointing
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
+    with reading_checkpoint(checkpoint_dir):
+        metadata = dist_checkpointing.load_tensors_metadata(str(checkpoint_dir))
     for key in ("embedding.word_embeddings.weight", "model.embedding.word_embeddings.weight"):
         if key in metadata:
             return metadata[key].dtype
@@ -95,5 +96,6 @@ def load_model_weights(model, checkpoint_dir: Union[str, Path]) -> None:
     """Fill ``model`` (any TP/PP stage) from the checkpoint's ``model`` entry; other entries are not read."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint_dir))
+    with reading_checkpoint(checkpoint_dir):
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(checkpoint_dir))
     model.load_state_dict(loaded["model"], strict=True)

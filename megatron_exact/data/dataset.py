@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -278,6 +280,21 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
         raise ValueError(f"--data-path {' '.join(parts)!r}: expected 'prefix ...' or 'weight prefix ...' ({err})") from None
 
 
+def parse_split(split: str) -> List[float]:
+    """Megatron's ``--split`` ("969,30,1", "98,2", "100"; ``/`` also separates): up to three
+    non-negative proportions, not all zero. Megatron-Core pulls numbers out of any text (so
+    "-1,2,x" would silently read as [1, 2]); this refuses it instead."""
+    parts = re.split(r"[,/]", str(split))
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 3 or any(not math.isfinite(v) or v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"--split {split!r}: expected up to three non-negative train,valid,test proportions, "
+                         "not all zero, separated by commas (e.g. 969,30,1)")
+    return values + [0.0] * (3 - len(values))
+
+
 def _resolve_tokenizer(prefixes: Sequence[str], tokenizer):
     import os
 
@@ -305,6 +322,7 @@ def build_config(
     tokenizer=None,
 ) -> ExactGPTDatasetConfig:
     prefixes, weights = parse_data_path(data_path)
+    parse_split(split)
     return ExactGPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,

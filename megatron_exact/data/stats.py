@@ -11,8 +11,6 @@ every sample's ``position_ids``/``loss_mask`` (tested).
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, List, Optional, Tuple
@@ -20,7 +18,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from megatron_exact import exact
+from megatron_exact import atomic_io, exact
 from megatron_exact.data.dataset import ExactGPTDataset, all_segment_lengths
 
 
@@ -162,11 +160,7 @@ def format_table(stats: ContextStats) -> str:
 
 
 def write_json(stats: ContextStats, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_io.write_json(path, stats.to_json())
 
 
 def plot(stats: ContextStats, path: str) -> None:
@@ -192,7 +186,8 @@ def plot(stats: ContextStats, path: str) -> None:
     weights_axis.set_ylabel("EXACT weight (orange = tail)")
     weights_axis.legend(loc="upper left")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_io.atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

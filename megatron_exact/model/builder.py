@@ -30,6 +30,9 @@ from megatron_exact.platform import has_transformer_engine
 
 def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
     """Megatron-LM's vocabulary padding: a multiple of ``divisible_by * TP``."""
+    if make_vocab_size_divisible_by < 1 or tensor_model_parallel_size < 1:
+        raise ValueError(f"--make-vocab-size-divisible-by must be positive, got {make_vocab_size_divisible_by} "
+                         "(1: no padding beyond the tensor-parallel size)")
     multiple = make_vocab_size_divisible_by * tensor_model_parallel_size
     return ((vocab_size + multiple - 1) // multiple) * multiple
 

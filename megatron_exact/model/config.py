@@ -10,10 +10,10 @@ Everything here is plain data: turning an architecture into a Megatron-Core
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
+from megatron_exact.errors import read_json
 from megatron_exact.model.families import (
     LLAMA,
     MISTRAL,
@@ -176,7 +176,7 @@ def arch_from_hf_config(config: dict | str | Path) -> ModelArch:
         if not path.is_file():
             raise FileNotFoundError(f"no HF config.json at {path}")
         source = str(path)
-        config = json.loads(path.read_text())
+        config = read_json(path)
 
     def fail(msg):
         raise UnsupportedModelError(f"{source}: {msg}")

@@ -246,11 +246,12 @@ def check_checkpoint_arch(load: str, saved: dict, arch: ModelArch, weights_only:
     return changes
 
 
-def data_prefixes(data_path: Sequence[str]) -> list[str]:
-    from megatron_exact.data.dataset import parse_data_path
+def data_prefixes(data_path: Sequence[str], split: str) -> list[str]:
+    from megatron_exact.data.dataset import parse_data_path, parse_split
 
     try:
         prefixes, _ = parse_data_path(data_path)
+        parse_split(split)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return prefixes
@@ -312,7 +313,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     """
     for flag in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
                  "micro_batch_size", "global_batch_size", "seq_length", "train_iters", "eval_iters",
-                 "eval_interval", "log_interval"):
+                 "eval_interval", "log_interval", "make_vocab_size_divisible_by"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag in ("train_iters", "eval_iters") else 1):
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -378,7 +379,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     # The model has now been trained at --seq-length: its record (and HF export) says so.
     arch = arch.replace(max_position_embeddings=max(arch.max_position_embeddings, args.seq_length))
 
-    prefixes = data_prefixes(args.data_path)
+    prefixes = data_prefixes(args.data_path, args.split)
     from megatron_exact.data.indexed_files import check_indexed_files
 
     for prefix in prefixes:
@@ -427,7 +428,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     if args.load:
         from megatron_exact.checkpoint import RELEASE, find_checkpoint, read_model_record
 
-        found = find_checkpoint(args.load)
+        try:
+            found = find_checkpoint(args.load)  # a tracker that names no complete checkpoint fails here
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"--load {args.load}: {err}") from None
         if found is None and args.finetune:
             raise ConfigError(f"--load {args.load}: no checkpoint there to --finetune from")
         if found is not None:

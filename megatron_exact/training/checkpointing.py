@@ -40,6 +40,7 @@ from megatron_exact.checkpoint import (
     checkpoint_dir,
     find_checkpoint,
     model_checkpoint_state,
+    reading_checkpoint,
     write_tracker_atomically,
 )
 from megatron_exact.checkpoint.probe import PROBE_FILENAME, Probe, write_probe
@@ -374,7 +375,8 @@ def load_checkpoint(
     if found is None:
         return None
     directory, iteration = found
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    with reading_checkpoint(directory):
+        common = dist_checkpointing.load_common_state_dict(str(directory))
     weights_only = finetune or iteration == RELEASE
     arch_changes = []
     if common.get("model_arch") is not None:
@@ -397,7 +399,8 @@ def load_checkpoint(
         load_rng = load_rng and all(saved_layout.get(k) == v for k, v in this_layout.items())
         if load_rng:
             request["rng_state"] = _rng_state_object()
-    loaded = dist_checkpointing.load(request, str(directory))
+    with reading_checkpoint(directory):
+        loaded = dist_checkpointing.load(request, str(directory))
     model.load_state_dict(loaded["model"])
     if weights_only:
         return LoadedState(iteration=0, consumed_train_samples=0, directory=directory, arch_changes=arch_changes,

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
 
+from megatron_exact import atomic_io
 from megatron_exact.model.config import ModelArch
 
 # Model FLOPs per step (activation recompute not counted); tests/training/test_flops.py derives it by hand.
@@ -101,10 +101,7 @@ def truncate_metrics_file(path: str, last_iteration: int) -> int:
                 kept.append(line if line.endswith("\n") else line + "\n")
             else:
                 dropped += 1
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".metrics.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_io.write_text(path, "".join(kept))
     return dropped
 
 

@@ -73,3 +73,52 @@ def test_damaged_index_or_data_file_is_named(tmp_path, damage, message):
     with pytest.raises(BadInputError, match=message):  # the dataset builder checks before Megatron-Core reads
         _train(prefix, str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------- the stats tool, through its entry point
+
+
+def _stats_tool(prefix, capsys, *extra):
+    from tools import effective_context_stats
+
+    status = effective_context_stats.main(["--data-path", prefix, "--tokenizer-type", "ByteTokenizer", *extra])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+@pytest.mark.parametrize("seq_length, message", [
+    ("0", "--seq-length must be positive, got 0"),
+    ("-5", "--seq-length must be positive, got -5"),
+    ("1000", "--split 100,0,0 with --seq-length 1000 leaves no training samples in"),  # 90 tokens of data
+])
+def test_stats_seq_length_out_of_range(tmp_path, capsys, seq_length, message):
+    prefix = _valid(tmp_path)
+    status, err = _stats_tool(prefix, capsys, "--seq-length", seq_length)
+    assert status == 1 and f"effective_context_stats.py: error: {message}" in err
+
+
+@pytest.mark.parametrize("split", ["90;10", "abc", "-1,2,3", "0,0,0", "1,2,3,4", "nan,1"])
+def test_unparsable_split_is_refused(tmp_path, capsys, split):
+    status, err = _stats_tool(_valid(tmp_path), capsys, "--seq-length", "8", f"--split={split}")
+    assert status == 1 and f"--split {split!r}: expected up to three non-negative" in err
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--json"])
+def test_output_into_missing_directory_checked_before_counting(tmp_path, capsys, monkeypatch, flag):
+    from megatron_exact.data import stats
+
+    counted = []
+    monkeypatch.setattr(stats, "effective_context_stats", lambda *a, **k: counted.append(1))
+    target = tmp_path / "missing" / "out.png"
+    status, err = _stats_tool(_valid(tmp_path), capsys, "--seq-length", "8", flag, str(target))
+    assert status == 1 and f"{flag} {target}: directory {tmp_path / 'missing'} does not exist" in err
+    assert counted == [] and not (tmp_path / "missing").exists()
+
+
+def test_stats_on_damaged_data_names_the_file(tmp_path, capsys):
+    prefix = _valid(tmp_path)
+    os.truncate(prefix + ".bin", 100)
+    status, err = _stats_tool(prefix, capsys, "--seq-length", "8", "--json", str(tmp_path / "s.json"))
+    assert status == 1 and f"{prefix}.bin: truncated (100 bytes, but {prefix}.idx describes 360)" in err
+    assert not (tmp_path / "s.json").exists()

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from megatron_exact import atomic_io
-from megatron_exact.data.preprocess import PreprocessConfig, preprocess
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 PROG = "preprocess_data.py"

@@ -3,6 +3,9 @@ are refused at start-up by flag (before any model is built)."""
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from megatron_exact.data.preprocess import PreprocessConfig, preprocess
@@ -62,3 +65,32 @@ def test_data_of_another_tokenizer_of_the_same_size_is_refused(tmp_path):
     message = str(err.value)
     assert f"--tokenizer-model {other} does not match the tokenizer that made {prefix}" in message
     assert made_with in message and "different tokenizer" in message
+
+
+def _copy_data(prefix, tmp_path):
+    import shutil
+
+    for suffix in (".bin", ".idx", ".tokenizer_info.json"):
+        shutil.copy(prefix + suffix, str(tmp_path / "d_text_document") + suffix)
+    return str(tmp_path / "d_text_document")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: os.truncate(p + ".bin", 1000), r"\.bin: truncated \(1000 bytes, but .*\.idx describes"),
+    (lambda p: os.truncate(p + ".idx", 0), r"\.idx: empty \(0 bytes"),
+], ids=["bin-shorter-than-idx", "empty-idx"])
+def test_damaged_data_path_is_named_at_start_up(byte_corpus, tmp_path, capsys, damage, message):
+    from megatron_exact.train import main as pretrain_main
+
+    prefix = _copy_data(byte_corpus, tmp_path)
+    damage(prefix)
+    assert pretrain_main(_flags(prefix)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"pretrain_exact.py: error: --data-path: " + re.escape(prefix) + message, err)
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("split", ["90,x", "-1,2,3", "0,0"])
+def test_unparsable_split_is_refused_by_the_trainer(byte_corpus, split):
+    with pytest.raises(ConfigError, match=rf"--split {re.escape(repr(split))}: expected up to three non-negative"):
+        _validate(_flags(byte_corpus, f"--split={split}"))
