@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -65,11 +66,12 @@ class Filler:
         length = rng.randint(*self.sentence_length)
         return " ".join(rng.choice(self.words) for _ in range(length)) + self.sentence_end
 
-    def vocabulary(self) -> set[str]:
-        """The words filler can contain (for the no-answer-in-filler check)."""
+    def contains(self, word: str) -> bool:
+        """Whether filler can contain ``word`` (a key or answer, possibly several words)."""
         if self.type == "words":
-            return set(self.words)
-        return {w.strip(".,;:!?\"'()").lower() for s in self.sentences for w in s.split()}
+            return word in self.words
+        pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+        return any(pattern.search(sentence) for sentence in self.sentences)
 
     def as_json(self) -> dict:
         if self.type == "sentences":
@@ -245,11 +247,14 @@ def parse_spec(record, source: str = "<spec>") -> ProbeSpec:
                            if "variable_tracking" in record else None),
         source=source,
     )
-    vocabulary = spec.filler.vocabulary()
-    leaked = sorted(w for w in set(spec.answers) | set(spec.keys) if w.lower() in vocabulary or w in vocabulary)
+    leaked = sorted(w for w in set(spec.answers) | set(spec.keys) if spec.filler.contains(w))
     if leaked:
         raise _fail(source, f"filler contains key(s)/answer(s) {leaked[:5]}: remove them from the filler, "
                             "or the probe cannot tell recall of the fact from the filler")
+    in_question = sorted(a for a in spec.answers if re.search(rf"(?<!\w){re.escape(a)}(?!\w)",
+                                                                spec.question.replace("{key}", " ")))
+    if in_question:
+        raise _fail(source, f"the question gives away answer(s) {in_question[:5]}")
     return spec
 
 
