@@ -149,7 +149,7 @@ def test_tokenizer_transformers_would_load_otherwise_is_refused(kind, exported, 
     from tools.convert_checkpoint import main
 
     record = read_model_record(find_checkpoint(exported[kind].checkpoint)[0])["tokenizer"]
-    qwen2 = _with_tokenizer_record(exported["ByteTokenizer"], tmp_path / "qwen2", **record)
+    qwen2 = _with_tokenizer_record(exported["ByteTokenizer"], tmp_path / "with_record", **record)
     assert main(["export-hf", "--load", str(qwen2), "--hf-dir-out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
     assert "as Qwen2Tokenizer, which gives other ids than the run trained with" in err and "--tokenizer-dir" in err
