@@ -124,12 +124,14 @@ def test_checkpoint_contract(imported):
     assert stored_dtype(imported["qwen2-untied"] / "release") == torch.bfloat16
 
 
-def test_import_pads_vocabulary_for_tensor_parallelism(hf_models, tmp_path):
+@pytest.mark.parametrize("name, vocab", [("qwen2-tied", 300), ("qwen3-tied", 320)])
+def test_import_pads_vocabulary_for_tensor_parallelism(name, vocab, hf_models, tmp_path):
     from megatron_exact.convert.importer import import_hf
     from megatron_exact.convert.megatron_checkpoint import read_checkpoint_header
 
-    checkpoint = import_hf(hf_models["qwen2-tied"], tmp_path / "tp2", tensor_model_parallel_size=2, verify=True, verify_tolerance=TOL)
-    assert read_checkpoint_header(checkpoint)[1] == 512  # 300 padded to a multiple of 128 x TP=2
+    checkpoint = import_hf(hf_models[name], tmp_path / "tp2", tensor_model_parallel_size=2, verify=True, verify_tolerance=TOL)
+    arch, padded_vocab, _ = read_checkpoint_header(checkpoint)
+    assert arch.vocab_size == vocab and padded_vocab == 512  # padded to a multiple of 128 x TP=2
 
 
 def test_sliding_window_is_recorded_at_import_and_exported(hf_models, tmp_path, capsys):
