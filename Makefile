@@ -28,8 +28,9 @@ test: install
 test-quick: install
 	$(PY) -m pytest tests -q -m "not slow" --durations=10
 
+# The whole pipeline on one seed, uniform vs EXACT side by side (examples/study/quickstart.yaml).
 quickstart: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/tiny_cpu/run.sh
+	$(PY) tools/paired_study.py --config examples/study/quickstart.yaml
 
 bench: install
 	for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done

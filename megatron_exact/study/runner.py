@@ -342,15 +342,13 @@ def write_launch_scripts(runs: List[Run], config: StudyConfig) -> Dict[str, str]
     return paths
 
 
-def run_study(config: StudyConfig, *, mode: Optional[str] = None, only: Optional[List[str]] = None,
+def run_study(config: StudyConfig, *, mode: Optional[str] = None, data: Optional[StudyData] = None,
               log: Callable[[str], None] = print) -> List[Run]:
-    """Prepare the data and train every missing run (``mode`` local), or write the launch scripts
-    (``commands``/``slurm``). ``only``: restrict to these run names (e.g. for tests). Returns the plan."""
+    """Prepare the data (unless given) and train every missing run (``mode`` local), or write the launch
+    scripts (``commands``/``slurm``). Returns the plan."""
     mode = mode or config.launch.mode
-    data = prepare_data(config, log=log)
+    data = data or prepare_data(config, log=log)
     runs = plan(config, data)
-    if only is not None:
-        runs = [r for r in runs if r.name in only]
     states = {run.name: run_state(run, config.on_change, log) for run in runs}
     todo = [r for r in runs if states[r.name] != "done"]
     log(f"study {config.name}: {len(runs)} run(s), {len(runs) - len(todo)} done, {len(todo)} to run "

@@ -34,10 +34,29 @@ class Study:
     def runs(self) -> List[Run]:
         return plan(self.config, self.data)
 
+    def exposure(self) -> str:
+        """Where the CPT data's supervision falls by effective context (the stats tool's table, JSON and
+        histogram under ``{output}/data/``): how little of it reaches long contexts under uniform weighting."""
+        from megatron_exact.data.dataset import build_train_valid_test_datasets
+        from megatron_exact.data.stats import effective_context_stats, format_table, plot, write_json
+
+        seq_length = int(self.config.cpt["seq-length"])
+        train, _, _ = build_train_valid_test_datasets(
+            self.data.data_path, "100,0,0", seq_length, self.config.seeds[0], (None, 0, 0),
+            document_masking="no-document-masking" not in self.config.cpt,
+            cache_path=os.path.join(self.config.output, "data", "index_cache"))
+        stats = effective_context_stats(train)
+        stats.data_path = list(self.data.data_path)
+        table = format_table(stats)
+        prefix = os.path.join(self.config.output, "data", f"effective_context_{seq_length}")
+        write_json(stats, prefix + ".json")
+        plot(stats, prefix + ".png")
+        self.log(f"effective context of the CPT data at --seq-length {seq_length} ({prefix}.png):\n{table}")
+        return table
+
     def train(self, mode: Optional[str] = None) -> List[Run]:
         """Run every missing run (locally), or write the launch scripts (``commands``/``slurm``)."""
-        runs = run_study(self.config, mode=mode, log=self.log)
-        return runs
+        return run_study(self.config, mode=mode, data=self.data, log=self.log)
 
     def finished_cpt_runs(self) -> List[Run]:
         runs = [r for r in self.runs() if r.arm is not None]
@@ -79,7 +98,13 @@ class Study:
     def run(self, mode: Optional[str] = None) -> Optional[dict]:
         """Everything: train what is missing, then evaluate and report (local mode); in ``commands``/``slurm``
         mode write the launch scripts and stop (rerun after the jobs to evaluate and report)."""
+        if (mode or self.config.launch.mode) == "local":
+            self.exposure()
         self.train(mode)
         if (mode or self.config.launch.mode) != "local":
             return None
-        return self.report()
+        summary = self.report()
+        with open(os.path.join(self.config.output, "report", "report.md")) as f:
+            self.log(f.read())
+        self.log(f"outputs: {os.path.join(self.config.output, 'report')} (report.md, report.json, plots)")
+        return summary

@@ -29,7 +29,7 @@ def parsed(run):
 
 
 def test_shipped_studies_parse():
-    for name in ("cpu_study.yaml", "tiny_test.yaml"):
+    for name in ("cpu_study.yaml", "quickstart.yaml"):
         study = load_study_config(str(REPO / "examples" / "study" / name))
         assert "uniform" in study.arms and "exact" in study.arms
 

@@ -1,14 +1,17 @@
-"""A whole (tiny) study through the real trainer: identical batches across the arms of a seed, a data
-arm that differs by design, evaluation and report, and a resumed study that runs only what is missing."""
+"""The quickstart's pipeline, reduced (fewer and shorter steps, a smaller corpus), through the real tool
+and trainer: identical batches across the arms of a seed, a data arm that differs by design,
+evaluation and report, a resumed study that runs only what is missing, changed settings refused."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
 
 import pytest
+import yaml
 
 from megatron_exact.study import Study
 from megatron_exact.study.runner import StudyRunError, run_state
@@ -22,17 +25,39 @@ def _hashes(run_dir):
         return [r["batch_sha1"] for r in map(json.loads, f) if "batch_sha1" in r]
 
 
-def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
+def reduced_quickstart(tmp_path) -> str:
+    """examples/study/quickstart.yaml with seconds-long runs on one rank, plus a data arm."""
+    raw = yaml.safe_load((REPO / "examples" / "study" / "quickstart.yaml").read_text())
+    raw["data"]["synthetic"].update(documents=300, max_length=512)
+    raw["launch"] = {"nproc_per_node": 1}
+    raw["on_change"] = "refuse"
+    small = {"micro-batch-size": 4, "global-batch-size": 4, "eval-iters": 1, "log-interval": 1}
+    raw["short_stage"].update(small, **{"seq-length": 64, "train-iters": 2})
+    raw["cpt"].update(small, **{"seq-length": 128, "train-iters": 3})
+    raw["data_arms"] = {"long-upsampled": {"length_edges": [0, 128], "upsample": [1, 4]}}
+    raw["evaluation"]["probe"] = {"lengths": [128], "distances": [4, 64, 120], "samples": 8}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_reduced_quickstart_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
     require_devices(1)
     env = run_env()  # the study's torchrun jobs get the test device
     for key in set(os.environ) - set(env):
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    config = reduced_quickstart(tmp_path)
+    tool = importlib.util.spec_from_file_location("paired_study", REPO / "tools" / "paired_study.py")
+    module = importlib.util.module_from_spec(tool)
+    tool.loader.exec_module(module)
+    assert module.main(["--config", config, "--output", str(tmp_path / "study")]) == 0
+    printed = capsys.readouterr().out
+    assert "effective context of the CPT data" in printed and "## Distance probe: accuracy" in printed
     messages = []
-    study = Study.from_yaml(str(REPO / "examples" / "study" / "tiny_test.yaml"), output=str(tmp_path / "study"),
-                            log=messages.append)
-    summary = study.run()
+    study = Study.from_yaml(config, output=str(tmp_path / "study"), log=messages.append)
+    summary = json.load(open(tmp_path / "study" / "report" / "report.json"))
     runs = {r.name: r for r in study.runs()}
     assert all(run_state(r) == "done" for r in runs.values())
 
