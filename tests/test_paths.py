@@ -113,23 +113,21 @@ def test_flags_parse_into_the_request():
             request.cross_entropy_chunk_tokens) == (True, "liger", 512)
 
 
-class TorchSwiGLU(torch.nn.Module):
-    """What liger's SwiGLU computes, in torch, for the activation slot; counts its calls."""
+class TorchSwiGLUKernel(torch.nn.Module):
+    """What liger's SwiGLU kernel computes, in torch; counts its calls."""
 
     calls = 0
 
-    def __init__(self, config=None):
-        super().__init__()
-
     def forward(self, fc1_output):
-        TorchSwiGLU.calls += 1
+        TorchSwiGLUKernel.calls += 1
         gate, up = torch.chunk(fc1_output, 2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 
 
 def test_liger_slots_of_the_local_spec_are_wired(single_process_group, monkeypatch):
-    """The spec slots the liger modules go into, filled with torch stand-ins (the kernels need a GPU:
-    tests/gpu/): the model computes what the unfused one computes, and the activation slot runs."""
+    """The spec slots the liger modules go into, with torch stand-ins for the kernels (they need a GPU:
+    tests/gpu/): the model computes what the unfused one computes, the activation slot runs, and the
+    checkpoint keys are the unfused model's."""
     from megatron_exact.loss import ExactConfig, ExactLoss
     from megatron_exact.model import liger
     from megatron_exact.model.builder import LocalRMSNorm, build_gpt_model, transformer_config
@@ -140,7 +138,7 @@ def test_liger_slots_of_the_local_spec_are_wired(single_process_group, monkeypat
         pass
 
     monkeypatch.setattr(liger, "rms_norm_class", lambda: StandInNorm)
-    monkeypatch.setattr(liger, "LigerSwiGLU", TorchSwiGLU)
+    monkeypatch.setattr(liger.LigerSwiGLU, "kernel", staticmethod(TorchSwiGLUKernel))
     arch = get_preset("tiny-llama3")
     packed = packed_microbatch()
     outputs = {}
@@ -156,15 +154,18 @@ def test_liger_slots_of_the_local_spec_are_wired(single_process_group, monkeypat
         norms = [m for m in model.modules() if isinstance(m, StandInNorm)]
         loss = ExactLoss(ExactConfig(weighting="exact", tau=TAU), SEQ)
         loss.begin_step([packed])
-        TorchSwiGLU.calls = 0
+        TorchSwiGLUKernel.calls = 0
         token_losses = model(packed.tokens, packed.position_ids, None, labels=packed.labels,
                              packed_seq_params=packed.packed_seq_params)
         loss.loss_func(packed, token_losses)[0].backward()
         grads = {n: p.grad for n, p in model.named_parameters()}
-        outputs[name] = (token_losses.detach(), grads, model.state_dict(), len(norms), TorchSwiGLU.calls)
+        checkpoint_keys = sorted(model.sharded_state_dict())
+        outputs[name] = (token_losses.detach(), grads, model.state_dict(), len(norms), TorchSwiGLUKernel.calls,
+                         checkpoint_keys)
     wired, plain = outputs["wired"], outputs["plain"]
     assert (wired[3], wired[4]) == (2 * arch.num_layers + 1, arch.num_layers)  # every norm, every MLP
     assert (plain[3], plain[4]) == (0, 0)
+    assert wired[5] == plain[5]  # same checkpoint keys: checkpoints move between fused and unfused runs
     torch.testing.assert_close(wired[0], plain[0], rtol=1e-5, atol=1e-5)
     for name, grad in plain[1].items():
         torch.testing.assert_close(wired[1][name], grad, rtol=1e-5, atol=1e-5)

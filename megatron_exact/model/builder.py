@@ -1,10 +1,12 @@
 """Turn a :class:`ModelArch` into Megatron-Core's ``TransformerConfig`` and ``GPTModel``.
 
-Layer spec: Transformer Engine's GPT spec when TE is importable on a GPU (it
-handles THD/packed attention itself); otherwise Megatron-Core's local spec
-with :class:`PackedDocumentAttention` as core attention. The local spec maps
-its norm names onto TE's in distributed checkpoints, so checkpoints move
-between the two.
+Layer spec: Transformer Engine's GPT spec (it handles THD/packed attention
+itself) or Megatron-Core's local spec with :class:`PackedDocumentAttention` as
+core attention. The trainer decides with :mod:`megatron_exact.model.paths`
+(local unless ``--transformer-impl transformer_engine``; fused kernels and the
+output loss too); a caller that gives no ``paths`` gets TE's spec when TE is
+importable on a GPU. The local spec maps its norm names onto TE's in
+distributed checkpoints, so checkpoints move between the two.
 """
 
 from __future__ import annotations

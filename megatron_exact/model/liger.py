@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core.transformer.module import MegatronModule
+
 
 def rms_norm_class():
     """liger's ``LigerMegatronRMSNorm`` (the norm slots' signature; marks the weight for sequence parallelism)."""
@@ -23,14 +25,23 @@ def rms_norm_class():
     return LigerMegatronRMSNorm
 
 
-class LigerSwiGLU(torch.nn.Module):
-    """``silu(gate) * up`` of the fc1 output ``[..., 2 * ffn/TP]`` in one Triton kernel (no bias: our models have none)."""
+class LigerSwiGLU(MegatronModule):
+    """``silu(gate) * up`` of the fc1 output ``[..., 2 * ffn/TP]`` in one Triton kernel (no bias: our models have none).
 
-    def __init__(self, config=None):
-        super().__init__()
+    A ``MegatronModule``: Megatron-Core's MLP asks each of its children for a
+    sharded state dict (this one's is empty), so checkpoints keep the unfused
+    model's keys.
+    """
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.swiglu = self.kernel()
+
+    @staticmethod
+    def kernel() -> torch.nn.Module:
         from liger_kernel.megatron import LigerMegatronSwiGLU
 
-        self.swiglu = LigerMegatronSwiGLU()  # no fallback: an unsupported call raises instead of changing numerics
+        return LigerMegatronSwiGLU()  # no fallback: an unsupported call raises instead of changing numerics
 
     def forward(self, fc1_output: torch.Tensor) -> torch.Tensor:
         return self.swiglu(fc1_output)

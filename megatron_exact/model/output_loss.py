@@ -50,8 +50,8 @@ class ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
 
     ``hidden`` ``[T, h]`` is the whole (TP-replicated) input, ``weight``
     ``[V_local, h]`` this rank's rows ``[vocab_start, vocab_start + V_local)``.
-    Returns fp32 losses ``[T]`` (float64 for float64 input). The gradient of ``hidden`` is this rank's
-    partial sum (the caller's TP mapping reduces it).
+    Returns fp32 losses ``[T]`` (float64 for float64 input). The gradient of
+    ``hidden`` is this rank's partial sum (the caller's TP mapping reduces it).
     """
 
     @staticmethod
@@ -117,7 +117,7 @@ def _accumulation_dtype(hidden: torch.Tensor) -> torch.dtype:
 
 
 def _local_targets(labels: torch.Tensor, vocab_start: int, vocab_local: int):
-    """Labels as indices into this rank's vocabulary shard, and 1.0 where this rank owns them."""
+    """Labels as indices into this rank's vocabulary shard (clamped), and a bool mask of those this rank owns."""
     local = labels - vocab_start
     owned = (local >= 0) & (local < vocab_local)
     return local.clamp(0, vocab_local - 1), owned

@@ -89,7 +89,7 @@ def check_rms_norm(config_for, results, liger_ok):
             judge("rms_norm", dtype, run(modules["liger"], dtype), run(modules["torch"], dtype), reference, results)
 
 
-def check_swiglu(results):
+def check_swiglu(results, config):
     from megatron_exact.model.liger import LigerSwiGLU
 
     generator = torch.Generator(device="cuda").manual_seed(1)
@@ -100,7 +100,7 @@ def check_swiglu(results):
         gate, up = torch.chunk(t, 2, dim=-1)
         return torch.nn.functional.silu(gate) * up
 
-    fused = LigerSwiGLU()
+    fused = LigerSwiGLU(config)
     for dtype in (torch.float32, torch.bfloat16):
         judge("swiglu", dtype, grads_of(fused, [x.to(dtype)], grad), grads_of(unfused, [x.to(dtype)], grad),
               grads_of(unfused, [x.double()], grad), results)
@@ -196,7 +196,7 @@ def main() -> int:
     check_output_loss(results, environment.liger)
     if environment.liger:
         check_rms_norm(lambda dtype: transformer_config(arch, bf16=dtype == torch.bfloat16), results, True)
-        check_swiglu(results)
+        check_swiglu(results, transformer_config(arch))
         check_model(results)
     record = {"liger": environment.liger, "liger_missing": environment.liger_missing, "checks": results}
     if args.out:
