@@ -33,3 +33,9 @@ def imported(hf_models, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("imported")
     return {name: import_hf(path, root / name).parent for name, path in hf_models.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parallel_state(single_process_group):
+    """Megatron's one-process parallel state for every conversion test module, set up by the module
+    itself: the in-process trainer tests (test_checkpoint_faults.py) tear it down when they finish."""
