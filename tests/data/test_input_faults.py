@@ -90,7 +90,7 @@ def _stats_tool(prefix, capsys, *extra):
 @pytest.mark.parametrize("seq_length, message", [
     ("0", "--seq-length must be positive, got 0"),
     ("-5", "--seq-length must be positive, got -5"),
-    ("1000", "--split 100,0,0 with --seq-length 1000 leaves no training samples in"),  # 90 tokens of data
+    ("1000", "--split 969,30,1 with --seq-length 1000 leaves no training samples in"),  # 90 tokens; the default split
 ])
 def test_stats_seq_length_out_of_range(tmp_path, capsys, seq_length, message):
     prefix = _valid(tmp_path)
