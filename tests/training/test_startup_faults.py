@@ -90,7 +90,6 @@ def test_config_error_only_rank_1_detects_is_printed(byte_corpus, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"{PROG}: error: [rank 1/2] --data-path /node1/data: does not exist on this node" in output
-    assert f"{PROG}: interrupted [rank 0/2]" in output  # rank 0 was stopped by torchrun, and said so
     assert "megatron_exact/" not in output  # no traceback from our code (torchrun's agent prints its own)
     assert time.time() - start < 200
 
