@@ -37,14 +37,12 @@ def get_args(argv=None):
 
 def _main(argv=None):
     args = get_args(argv)
-    from megatron_exact.data.dataset import build_train_valid_test_datasets, parse_data_path
+    from megatron_exact.atomic_io import check_writable
+    from megatron_exact.data.dataset import build_train_valid_test_datasets, parse_data_path, parse_split
     from megatron_exact.data.stats import effective_context_stats, format_table, plot, write_json
     from megatron_exact.data.tokenizers import build_tokenizer
     from megatron_exact.errors import UserError
     from megatron_exact.flags import exact_config_from_args
-
-    from megatron_exact.atomic_io import check_writable
-    from megatron_exact.data.dataset import parse_split
 
     if args.seq_length < 1:
         raise UserError(f"--seq-length must be positive, got {args.seq_length}")
@@ -64,6 +62,7 @@ def _main(argv=None):
     if weights is not None and args.num_samples is None:
         raise UserError("--num-samples is required with a weighted --data-path blend")
     exact = exact_config_from_args(args)  # checks the values, naming the flag
+    exact.check_tail(args.seq_length)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_type else None
     train, _, _ = build_train_valid_test_datasets(
         args.data_path, args.split, args.seq_length, args.seed, (args.num_samples, 0, 0),

@@ -401,13 +401,16 @@ class _WorkerPool:
                 raise _WorkerError(f"in a tokenizer worker process:\n{error}")
             return number, result
 
-    def close(self) -> None:
-        for _ in self.processes:
-            with contextlib.suppress(Exception):
-                self.tasks.put_nowait(None)
-        deadline = time.time() + 2.0
-        for process in self.processes:
-            process.join(max(deadline - time.time(), 0.0))
+    def close(self, finished: bool) -> None:
+        """Stop and reap the workers: after the last result they are told to exit; after an
+        error or an interrupt they are terminated at once."""
+        if finished:
+            for _ in self.processes:
+                with contextlib.suppress(Exception):
+                    self.tasks.put_nowait(None)
+            deadline = time.time() + 2.0
+            for process in self.processes:
+                process.join(max(deadline - time.time(), 0.0))
         for process in self.processes:
             if process.is_alive():
                 process.terminate()
@@ -429,6 +432,7 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
             yield _encode_chunk(job)
         return
     pool = _WorkerPool(workers, initargs)
+    finished = False
     try:
         submitted = delivered = 0
         finished = {}
@@ -443,6 +447,7 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
                 pool.submit(submitted, job)
                 submitted += 1
             if delivered == submitted:
+                finished = True
                 return
             while delivered not in finished:
                 number, result = pool.receive()
@@ -450,7 +455,7 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
             yield finished.pop(delivered)
             delivered += 1
     finally:
-        pool.close()
+        pool.close(finished)
 
 
 def output_prefixes(output_prefix: str, json_keys: Sequence[str], split_sentences: bool) -> Dict[str, str]:

@@ -90,12 +90,12 @@ def _stats_tool(prefix, capsys, *extra):
 @pytest.mark.parametrize("seq_length, message", [
     ("0", "--seq-length must be positive, got 0"),
     ("-5", "--seq-length must be positive, got -5"),
-    ("1000", "--split 969,30,1 with --seq-length 1000 leaves no training samples in"),  # 90 tokens; the default split
+    ("1000", "with --seq-length 1000 leaves no training samples in"),  # 90 tokens of data
 ])
 def test_stats_seq_length_out_of_range(tmp_path, capsys, seq_length, message):
     prefix = _valid(tmp_path)
     status, err = _stats_tool(prefix, capsys, "--seq-length", seq_length)
-    assert status == 1 and f"effective_context_stats.py: error: {message}" in err
+    assert status == 1 and "effective_context_stats.py: error: " in err and message in err
 
 
 @pytest.mark.parametrize("split", ["90;10", "abc", "-1,2,3", "0,0,0", "1,2,3,4", "nan,1"])

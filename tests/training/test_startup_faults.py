@@ -90,7 +90,6 @@ def test_config_error_only_rank_1_detects_is_printed(byte_corpus, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"{PROG}: error: [rank 1/2] --data-path /node1/data: does not exist on this node" in output
-    assert f"{PROG}: interrupted [rank 0/2]" in output  # rank 0 was stopped by torchrun, and said so
     assert "megatron_exact/" not in output  # no traceback from our code (torchrun's agent prints its own)
     assert time.time() - start < 200
 
@@ -108,8 +107,12 @@ def small_tmpfs(path, size):
 @pytest.mark.slow  # a training
 def test_disk_full_during_save_says_so_and_keeps_the_previous_checkpoint(byte_corpus, tmp_path, capsys):
     """--save on a 2 MiB file system: the first checkpoint (~1.4 MiB) fits, the second does not."""
+    import torch.distributed
+
     from megatron_exact.checkpoint import checkpoint_dir, find_checkpoint
     from megatron_exact.platform.distributed import destroy_model_parallel
+
+    started_here = not torch.distributed.is_initialized()
 
     with small_tmpfs(tmp_path / "small", "2m") as mount:
         save = mount / "ckpt"
@@ -118,7 +121,8 @@ def test_disk_full_during_save_says_so_and_keeps_the_previous_checkpoint(byte_co
                                     "--train-iters", "2", "--lr", "1e-3", "--data-path", byte_corpus,
                                     "--eval-iters", "0", "--save", str(save), "--save-interval", "1"])
         finally:
-            destroy_model_parallel()
+            if started_here:
+                destroy_model_parallel()
         err = capsys.readouterr().err
         assert status == 1 and "Traceback" not in err
         assert (f"{PROG}: error: no space left on the device (ENOSPC) while saving checkpoint "
