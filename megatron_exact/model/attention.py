@@ -121,7 +121,7 @@ class PackedDocumentAttention(MegatronModule):
             cu_seqlens = packed_seq_params.cu_seqlens_q
         query, key, value = (t.reshape(t.shape[0], t.shape[-2], t.shape[-1]) for t in (query, key, value))
         if self.cp_size == 1:
-            out = self._per_document(query, key, value, cu_seqlens)
+            out = self._per_document(query, key, value, cu_seqlens, packed_seq_params.max_seqlen_q)
         else:
             out = self._per_document_context_parallel(query, key, value, cu_seqlens)
         return out.reshape(out.shape[0], -1)
@@ -155,11 +155,13 @@ class PackedDocumentAttention(MegatronModule):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.softmax_scale)
         return out.squeeze(0) if unbatched else out
 
-    def _per_document(self, query, key, value, cu_seqlens) -> torch.Tensor:
+    def _per_document(self, query, key, value, cu_seqlens, max_seqlen: Optional[int] = None) -> torch.Tensor:
         dropout = self.training and self.dropout_p > 0.0
         if _VARLEN_ATTENTION is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and not dropout:
             cu = cu_seqlens.to(query.device, torch.int32)
-            return _VARLEN_ATTENTION(query, key, value, cu, int(cu.diff().max()), self.softmax_scale)
+            if max_seqlen is None:
+                max_seqlen = int(cu.diff().max())  # a device sync: pack_batch gives it as a number
+            return _VARLEN_ATTENTION(query, key, value, cu, max_seqlen, self.softmax_scale)
         bounds = cu_seqlens.tolist()
         q_all, (k_all, v_all) = self._heads_first(query), self._kv_heads_first(key, value, query.shape[1])
         outputs = []
