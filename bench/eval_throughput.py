@@ -11,7 +11,7 @@ BPE tokenizer trained here; nothing downloaded):
    candidates batched over its KV cache (one long forward per prompt) vs one full forward per
    candidate.
 
-    python bench/eval_throughput.py [--length 4096] [--samples-per-task 1] [--batch-size 6]
+    python bench/eval_throughput.py [--length 4096] [--samples-per-task 6] [--batch-size 6]
 
 Prints samples/s in wall time and in process CPU time (all threads; robust to other jobs on a
 shared machine) and the speed-ups. Results are recorded in BENCHMARKS.md ("Evaluation throughput").
@@ -68,7 +68,8 @@ def timed(function):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--samples-per-task", type=int, default=1)
+    parser.add_argument("--samples-per-task", type=int, default=6,
+                        help="samples per task: a batch holds samples of one task (one generation budget)")
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--probe-samples", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=8192)
