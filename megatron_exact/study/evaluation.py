@@ -29,10 +29,8 @@ def export_run(checkpoints: str, hf_dir: str, tokenizer_dir: Optional[str], dtyp
     found = find_checkpoint(checkpoints)
     stamp = {"checkpoint": str(found[0]) if found else None, "iteration": found[1] if found else None}
     stamp_path = os.path.join(hf_dir, "exported_from.json")
-    if os.path.exists(stamp_path):
-        with open(stamp_path) as f:
-            if json.load(f) == stamp:
-                return hf_dir
+    if os.path.exists(stamp_path) and _read_json(stamp_path) == stamp:
+        return hf_dir
     if os.path.exists(hf_dir):
         import shutil
 
@@ -64,6 +62,11 @@ def probe(hf_dir: str, spec_path: str, evaluation: Evaluation,
     return cells
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def last_validation(metrics_file: str) -> Optional[dict]:
     """The last validation line of a metrics file (unweighted CE overall and per effective-context bucket)."""
     last = None
@@ -82,16 +85,15 @@ def evaluate_run(run_dir: str, checkpoints: str, metrics_file: str, *, tokenizer
     """Export and evaluate one finished run; writes and returns ``{run_dir}/eval.json`` (reused when the
     checkpoint and evaluation settings are unchanged)."""
     path = os.path.join(run_dir, EVAL_FILE)
-    spec_text = open(probe_spec).read() if probe_spec else None
-    settings = {"evaluation": evaluation.__dict__ if evaluation else None, "probe_spec": spec_text}
+    settings = {"evaluation": evaluation.__dict__ if evaluation else None,
+                "probe_spec": _read_json(probe_spec) if probe_spec else None}
     hf_dir = os.path.join(run_dir, "hf")
     if evaluation is not None:
         export_run(checkpoints, hf_dir, tokenizer_dir, evaluation.export_dtype)
     stamp_path = os.path.join(hf_dir, "exported_from.json")
-    stamp = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+    stamp = _read_json(stamp_path) if os.path.exists(stamp_path) else None
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = _read_json(path)
         if previous.get("settings") == settings and previous.get("exported_from") == stamp:
             return previous
     result = {"settings": settings, "exported_from": stamp, "validation": last_validation(metrics_file)}
