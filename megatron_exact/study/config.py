@@ -310,10 +310,11 @@ def study_config_from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
         if not distances:
             raise _fail(source, "evaluation.probe.distances: give the fact-to-question distances to probe")
         for length in lengths:
-            too_far = [d for d in distances if d > length - 3]
+            # The synthetic language's prompt: filler, KEY k v, <distance filler words>, QUERY k, the answer.
+            too_far = [d for d in distances if d > length - 6]
             if too_far:
                 raise _fail(source, f"evaluation.probe: distance(s) {too_far} do not fit a prompt of {length} "
-                                    f"tokens (at most {length - 3})")
+                                    f"tokens (at most {length - 6})")
         evaluation = Evaluation(lengths, distances, int(probe.pop("samples", 256)), int(probe.pop("seed", 0)),
                                 ev.pop("export_dtype", None))
         if probe or ev:

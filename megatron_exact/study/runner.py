@@ -287,7 +287,7 @@ def launch_local(run: Run, config: StudyConfig, log: Callable[[str], None] = pri
         try:
             for line in process.stdout:
                 log_file.write(line)
-                tail = (tail + [line.rstrip()])[-30:]
+                tail = (tail + [line.rstrip()])[-200:]
                 if line.startswith(("iteration", "validation", "error", "warning", "loaded")):
                     log(f"  [{run.name}] {line.rstrip()}")
             status = process.wait()
@@ -296,7 +296,10 @@ def launch_local(run: Run, config: StudyConfig, log: Callable[[str], None] = pri
             process.wait(timeout=60)
             raise
     if status != 0:
-        raise StudyRunError(f"run {run.name} failed (exit status {status}); see {run.log}:\n" + "\n".join(tail[-12:]))
+        # The trainer's own message (a refused flag, a bad input) says more than torchrun's traceback.
+        reasons = [line for line in tail if "error:" in line and "ChildFailedError" not in line]
+        raise StudyRunError(f"run {run.name} failed (exit status {status}): "
+                            f"{reasons[0].strip() if reasons else 'see the log'}; full output in {run.log}")
     return time.time() - start
 
 

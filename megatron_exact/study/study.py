@@ -74,7 +74,7 @@ class Study:
             start = time.time()
             self.log(f"[eval {number}/{len(runs)}] {run.name}")
             evaluate_run(run.directory, run.save, run.metrics, tokenizer_dir=self.data.tokenizer_dir,
-                         language=self.config.synthetic, evaluation=self.config.evaluation,
+                         probe_spec=self.data.probe_spec, evaluation=self.config.evaluation,
                          log=lambda message: self.log(f"  [{run.name}] {message}"))
             results.append(read_run_result(run.directory, run.arm, run.seed, run.data_arm))
             self.log(f"[eval {number}/{len(runs)}] {run.name}: {time.time() - start:.0f} s")

@@ -152,29 +152,3 @@ class SyntheticLanguage:
     def documents(self, count: int, start: int = 0) -> Iterator[str]:
         for index in range(start, start + count):
             yield " ".join(self.document(index))
-
-    # -- probing ------------------------------------------------------------------------
-    def probe_prompt(self, rng: random.Random, total_length: int, distance: int, *, evidence: bool = True
-                     ) -> tuple[List[str], str]:
-        """A prompt of ``total_length`` words (with the evidence) ending in ``QUERY k``, with ``distance``
-        filler words between the fact ``KEY k v`` and the question (the distance-probe convention).
-
-        Returns ``(words, answer)``. Without ``evidence`` the fact is left out and nothing else
-        changes (the same filler, three words shorter).
-        """
-        fact_length, question_length = 3, 2
-        before = total_length - fact_length - question_length - distance
-        if distance < 0 or before < 0:
-            raise ValueError(f"probe distance {distance} must be in [0, {total_length - 5}] for a prompt of "
-                             f"{total_length} words")
-        key = rng.randrange(self.config.num_keys)
-        value = rng.randrange(self.config.num_values)
-        filler = self.filler(rng, before + distance)
-        fact = [KEY_MARK, self.keys[key], self.values[value]] if evidence else []
-        words = filler[:before] + fact + filler[before:] + [QUERY_MARK, self.keys[key]]
-        return words, self.values[value]
-
-
-def language_fingerprint(config: LanguageConfig, documents: int) -> str:
-    """Identity of a generated corpus (settings and size), recorded next to what is built from it."""
-    return f"{config.fingerprint()}-{documents}"

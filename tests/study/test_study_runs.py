@@ -31,7 +31,7 @@ def reduced_quickstart(tmp_path) -> str:
     raw["data"]["synthetic"].update(documents=300, max_length=512)
     raw["launch"] = {"nproc_per_node": 1}
     raw["on_change"] = "refuse"
-    small = {"micro-batch-size": 4, "global-batch-size": 4, "eval-iters": 1, "log-interval": 1}
+    small = {"micro-batch-size": 4, "global-batch-size": 4, "eval-iters": 1, "log-interval": 1, "lr-warmup-iters": 1}
     raw["short_stage"].update(small, **{"seq-length": 64, "train-iters": 2})
     raw["cpt"].update(small, **{"seq-length": 128, "train-iters": 3})
     raw["data_arms"] = {"long-upsampled": {"length_edges": [0, 128], "upsample": [1, 4]}}

@@ -4,7 +4,6 @@ exactly its words, probe prompts with the evidence at the requested distance."""
 from __future__ import annotations
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -38,24 +37,6 @@ def test_every_recall_repeats_an_earlier_fact_and_lengths_are_heavy_tailed():
     assert recalls > 400
     # Pareto(0.9), scale 32: the median near 32 * 2^(1/0.9) ~ 69, a few documents beyond a 512 window.
     assert 50 < np.median(lengths) < 95 and (lengths >= 512).mean() > 0.03 and lengths.max() <= 2048 + 3 * 64
-
-
-@pytest.mark.parametrize("distance", [0, 17, 300, 507])
-def test_probe_prompt_places_the_fact_at_the_distance(distance):
-    language = SyntheticLanguage(LanguageConfig())
-    words, answer = language.probe_prompt(random.Random(0), 512, distance)
-    ablated, answer_b = language.probe_prompt(random.Random(0), 512, distance, evidence=False)
-    assert len(words) == 512 and answer == answer_b and answer in language.values
-    # ... KEY k v <distance filler words> QUERY k
-    fact = len(words) - 2 - distance - 3
-    assert words[fact:fact + 3] == [KEY_MARK, words[-1], answer] and words[-2] == QUERY_MARK
-    assert all(w.startswith("w") for w in words[fact + 3: len(words) - 2])
-    assert ablated == words[:fact] + words[fact + 3:]
-
-
-def test_probe_distance_out_of_range_is_refused():
-    with pytest.raises(ValueError, match="probe distance 508"):
-        SyntheticLanguage().probe_prompt(random.Random(0), 512, 508)
 
 
 def test_bad_settings_name_the_setting():
@@ -94,10 +75,21 @@ def test_corpus_build_tokenizer_data_spec_and_reuse(tmp_path):
     assert changed.rebuilt and "documents 50 -> 60" in messages[-1]
 
 
-def test_probe_spec_reads_with_the_evaluation_parser(tmp_path):
-    spec_module = pytest.importorskip("megatron_exact.eval.spec")
-    from megatron_exact.synthetic.corpus import probe_spec
+def test_the_evaluation_probe_reads_the_spec_in_the_corpus_language(tmp_path):
+    from transformers import AutoTokenizer
 
-    language = SyntheticLanguage(LanguageConfig())
-    spec = spec_module.parse_spec(probe_spec(language), "synthetic")
-    assert spec.render_fact("k3", "v5") == "KEY k3 v5" and spec.render_question("k3") == "QUERY k3"
+    from megatron_exact.eval.probe import TokenizerCodec, build_sample
+    from megatron_exact.eval.spec import load_spec
+
+    corpus = build_corpus(str(tmp_path / "c"), LanguageConfig(max_length=256), 20, log=lambda m: None)
+    spec = load_spec(corpus.probe_spec)
+    codec = TokenizerCodec(AutoTokenizer.from_pretrained(corpus.tokenizer_dir))
+    sample = build_sample(spec, codec, length=512, distance=300, index=3)
+    # One token per word: ... KEY k v <300 filler words> QUERY k | v, in 512 tokens with the answer.
+    words = codec.tokenizer.convert_ids_to_tokens(sample.present)
+    start, end = sample.fact_span
+    assert words[start:end] == [KEY_MARK, sample.key, sample.answer] and end - start == 3
+    assert words[sample.question_start:] == [QUERY_MARK, sample.key]
+    assert sample.question_start - end == 300 and len(sample.present) + 1 == 512
+    assert all(w.startswith("w") for w in words[:start] + words[end:sample.question_start])
+    assert sample.candidates[sample.answer_index] == sample.answer and set(sample.candidates) <= set(spec.answers)
