@@ -112,3 +112,54 @@ def run_checked(command: list, timeout: float) -> subprocess.CompletedProcess:
         f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     )
     return result
+
+
+def node_commands(script, *args, nodes: int = 2, nproc: int = 1, rendezvous: bool = False,
+                  torchrun_flags: tuple = ()) -> list[list[str]]:
+    """One torchrun agent per "node" of a multi-node job on this machine (loopback): each with
+    ``--nnodes`` and its own ``--node-rank`` behind a static master on 127.0.0.1, or, with
+    ``rendezvous``, all alike behind a c10d endpoint on 127.0.0.1 (which then assigns the node
+    ranks). Skips the calling test when the test device cannot give every rank its own device."""
+    require_devices(nodes * nproc)
+    port = free_port()
+    commands = []
+    for node_rank in range(nodes):
+        where = (["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"] if rendezvous
+                 else [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"])
+        commands.append([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+                         f"--nproc-per-node={nproc}", *where, *torchrun_flags, str(script), *map(str, args)])
+    return commands
+
+
+def run_nodes(commands: list, timeout: float, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Run the agents of one job together, each as its own process tree (a session of its own, as
+    on separate machines), and wait for all of them; on ``timeout`` every tree is killed and the
+    test fails with each agent's output tail."""
+    import signal
+    import tempfile
+    import time
+
+    env = run_env() if env is None else env
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    agents = [subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True) for command, log in zip(commands, logs)]
+    deadline = time.time() + timeout
+    try:
+        while any(agent.poll() is None for agent in agents) and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        hung = [agent for agent in agents if agent.poll() is None]
+        for agent in hung:
+            os.killpg(agent.pid, signal.SIGKILL)  # the agent's whole tree: its session
+        for agent in agents:
+            agent.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if hung:
+        tails = "\n".join(f"--- node {i}:\n{out[-3000:]}" for i, out in enumerate(outputs))
+        raise AssertionError(f"the job's agents did not end within {timeout} s:\n{tails}")
+    return [subprocess.CompletedProcess(command, agent.returncode, out, "")
+            for command, agent, out in zip(commands, agents, outputs)]

@@ -4,6 +4,7 @@ HF model imported as a checkpoint, the torchrun launcher, and the trainer built 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -26,6 +27,39 @@ def torchrun_command(flags: list[str], nproc: int = 2, torchrun_flags: tuple = (
 
 def launch(flags: list[str], nproc: int = 2, timeout: float = 240, torchrun_flags: tuple = ()) -> subprocess.CompletedProcess:
     return run(torchrun_command(flags, nproc, torchrun_flags), timeout)
+
+
+STANDIN_SRUN = """#!/usr/bin/env bash
+# srun stand-in: drop srun's own options, exec the command (one task on this node).
+while [ "$#" -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done
+exec "$@"
+"""
+STANDIN_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: this host for `show hostnames`, a record of anything else.
+if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; exit 0; fi
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+def slurm_standins(root) -> str:
+    """A folder of stand-ins for ``srun`` and ``scontrol`` (put it first on PATH) under ``root``."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", STANDIN_SRUN), ("scontrol", STANDIN_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return str(bin_dir)
+
+
+def slurm_env(root, **variables: str) -> dict:
+    """The environment of a SLURM job step on this machine: the stand-ins and this Python's
+    torchrun first on PATH, the repository as REPO, and ``variables`` (SLURM_JOB_ID, ...)."""
+    path = slurm_standins(root) + os.pathsep + os.path.dirname(PYTHON) + os.pathsep + os.environ["PATH"]
+    return dict(run_env(), PATH=path, SCONTROL_LOG=str(root / "scontrol.log"), REPO=str(REPO), **variables)
+
+
+# The SLURM example's job step (examples/cpt/slurm_step.sh) as the batch script runs it.
+SLURM_STEP = 'set -euo pipefail; source "$REPO/examples/cpt/slurm_step.sh"; train_step "$@"'
 
 
 def read_metrics(path) -> list[dict]:

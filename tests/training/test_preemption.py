@@ -10,7 +10,6 @@ at once, and the latest checkpoint is a complete one, never one being written.""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
@@ -20,31 +19,10 @@ import pytest
 
 from megatron_exact.checkpoint import TRACKER_FILENAME, checkpoint_dir, read_tracker
 from tests.launch import free_port
-from tests.training.conftest import (PYTHON, REPO, last_iteration, run_env, tiny_flags, torchrun_command,
-                                     torchrun_workers, wait_for)
+from tests.training.conftest import (REPO, SLURM_STEP, last_iteration, run_env, slurm_env, tiny_flags,
+                                     torchrun_command, torchrun_workers, wait_for)
 
 pytestmark = pytest.mark.slow  # multi-process runs
-
-STANDIN_SRUN = """#!/usr/bin/env bash
-# srun stand-in: drop srun's own options, exec the command (one task on this node).
-while [ "$#" -gt 0 ] && [ "${1#-}" != "$1" ]; do shift; done
-exec "$@"
-"""
-STANDIN_SCONTROL = """#!/usr/bin/env bash
-# scontrol stand-in: this host for `show hostnames`, a record of anything else.
-if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; exit 0; fi
-echo "$@" >> "$SCONTROL_LOG"
-"""
-
-
-def _standins(root) -> str:
-    bin_dir = root / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", STANDIN_SRUN), ("scontrol", STANDIN_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    return str(bin_dir)
-
 
 def _trainers(process: psutil.Process) -> list:
     """The training processes below ``process`` (not the torchrun agent, whose command names the script too)."""
@@ -75,13 +53,10 @@ def test_slurm_signal_to_the_batch_shell_saves_requeues_and_leaves_no_worker(byt
     metrics, ckpt, log = tmp_path / "metrics.jsonl", tmp_path / "ckpt", tmp_path / "job.log"
     flags = tiny_flags(byte_corpus, "--train-iters", "2000", "--eval-iters", "0", "--metrics-file", str(metrics),
                        "--save", str(ckpt), "--load", str(ckpt), "--save-interval", "1000", "--exit-signal-handler")
-    env = dict(run_env(), PATH=_standins(tmp_path) + os.pathsep + os.path.dirname(PYTHON) + os.pathsep
-               + os.environ["PATH"], SCONTROL_LOG=str(tmp_path / "scontrol.log"), REPO=str(REPO),
-               SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_JOB_NODELIST="node001", GPUS="2",
-               RDZV_PORT=str(free_port()), SAVE_GRACE_S="120")
-    script = 'set -euo pipefail; source "$REPO/examples/cpt/slurm_step.sh"; train_step "$@"'
+    env = slurm_env(tmp_path, SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_JOB_NODELIST="node001", GPUS="2",
+                    RDZV_PORT=str(free_port()), SAVE_GRACE_S="120")
     with open(log, "w") as out:
-        shell = subprocess.Popen(["bash", "-c", script, "slurm_pair.sbatch", *flags], cwd=REPO, env=env,
+        shell = subprocess.Popen(["bash", "-c", SLURM_STEP, "slurm_pair.sbatch", *flags], cwd=REPO, env=env,
                                  stdout=out, stderr=subprocess.STDOUT)
         descendants = []
         try:
