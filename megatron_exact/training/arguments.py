@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--context-parallel-size", type=int, default=1)
     group.add_argument("--sequence-parallel", action="store_true")
     group.add_argument("--use-distributed-optimizer", action="store_true")
+    group.add_argument("--overlap-grad-reduce", action="store_true",
+                       help="start each gradient bucket's data-parallel reduction as soon as its gradients are "
+                            "ready, overlapped with the rest of the backward pass")
+    group.add_argument("--overlap-param-gather", action="store_true",
+                       help="all-gather the updated parameters of each bucket in the next forward pass, overlapped "
+                            "with it (needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    group.add_argument("--ddp-bucket-size", type=int,
+                       help="parameters per gradient-reduction bucket (default: Megatron-Core's, "
+                            "max(40M, 1M x DP) with --overlap-grad-reduce, one bucket without)")
 
     group = parser.add_argument_group("training")
     group.add_argument("--micro-batch-size", type=int, default=1)
@@ -414,6 +423,16 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         select_paths(path_request_from_args(args))
     except PathError as err:
         raise ConfigError(str(err)) from None
+    # Megatron-LM's refusals.
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather only supported with distributed optimizer "
+                          "(add --use-distributed-optimizer)")
+    if args.overlap_param_gather and not args.overlap_grad_reduce:
+        raise ConfigError("Must use --overlap-param-gather with --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ConfigError(f"--ddp-bucket-size must be positive, got {args.ddp_bucket_size}")
+    if args.ddp_bucket_size is not None and not args.overlap_grad_reduce:
+        warnings.warn("--ddp-bucket-size has no effect without --overlap-grad-reduce (one bucket)", ConfigWarning)
     if args.save_interval is not None and args.save_interval < 1:
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.save_interval and not args.save:

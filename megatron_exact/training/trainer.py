@@ -19,6 +19,7 @@ with this rank's CP/TP layout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -247,7 +248,9 @@ class Trainer:
         self.module = model  # what checkpoints see
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.overlap_param_gather,
+            bucket_size=args.ddp_bucket_size,
             use_distributed_optimizer=args.use_distributed_optimizer,
         )
         self.ddp = DistributedDataParallel(self.config, ddp_config, module=model)
@@ -383,8 +386,28 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag) == 0
 
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """With --overlap-param-gather the updated parameters arrive only in the next forward
+        pass (its pre-hooks): gather them now for what reads the weights outside a training
+        forward (validation, the probe, checkpoints, the replica check), as Megatron-LM does."""
+        if not self.args.overlap_param_gather:
+            yield
+            return
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
     def check_weight_hash_across_dp_replicas(self) -> None:
         """Raise unless every data-parallel replica holds bit-identical weights (gradients really all-reduced)."""
+        with self._parameters_gathered():
+            self._check_weight_hash_across_dp_replicas()
+
+    def _check_weight_hash_across_dp_replicas(self) -> None:
         digest = hashlib.sha1()
         for param in self.module.parameters():
             digest.update(param.detach().float().cpu().numpy().tobytes())
@@ -399,6 +422,10 @@ class Trainer:
 
     # -- validation ---------------------------------------------------------------------
     def evaluate(self) -> Optional[dict]:
+        with self._parameters_gathered():
+            return self._evaluate()
+
+    def _evaluate(self) -> Optional[dict]:
         args = self.args
         if not args.eval_iters or self.valid_dataset is None:
             return None
@@ -478,6 +505,10 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def save(self) -> None:
+        with self._parameters_gathered():
+            self._save()
+
+    def _save(self) -> None:
         args = self.args
         layout = {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size,
                   "cp": args.context_parallel_size, "dp": self.layout.data_parallel_size,

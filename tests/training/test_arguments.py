@@ -143,3 +143,14 @@ def test_sliding_window_covering_the_sequence_trains_as_full_attention_with_a_no
         warnings.simplefilter("error", ConfigWarning)  # v0.3-style: no window, no note
         arch, _, _ = validate(["--hf-config", _mistral_config_dir(tmp_path / "none", sliding_window=None), *argv])
     assert arch.sliding_window is None
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlap_grad_reduce(byte_corpus):
+    # Megatron-LM's refusals, by flag.
+    with pytest.raises(ConfigError, match=r"--overlap-param-gather only supported with distributed optimizer"):
+        validate(flags(byte_corpus, "--overlap-grad-reduce", "--overlap-param-gather"))
+    with pytest.raises(ConfigError, match=r"Must use --overlap-param-gather with --overlap-grad-reduce"):
+        validate(flags(byte_corpus, "--use-distributed-optimizer", "--overlap-param-gather"))
+    validate(flags(byte_corpus, "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"))
+    with pytest.warns(ConfigWarning, match=r"--ddp-bucket-size has no effect without --overlap-grad-reduce"):
+        validate(flags(byte_corpus, "--ddp-bucket-size", "1000"))
