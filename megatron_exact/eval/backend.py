@@ -20,7 +20,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
+from megatron_exact.eval.codec import TokenizerCodec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
 LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
@@ -30,13 +31,13 @@ def check_model_dir(model_dir: Union[str, Path], flag: str = "--model") -> Path:
     """The directory holds an HF config and tokenizer; errors say which is missing."""
     path = Path(model_dir)
     if not path.is_dir():
-        raise EvalInputError(f"{flag} {path}: not a directory (evaluation takes an HF checkpoint directory; "
+        raise BadInputError(f"{flag} {path}: not a directory (evaluation takes an HF checkpoint directory; "
                              "convert a Megatron checkpoint with tools/convert_checkpoint.py export-hf)")
     if not (path / "config.json").is_file():
-        raise EvalInputError(f"{flag} {path}: no config.json (not an HF checkpoint directory; "
+        raise BadInputError(f"{flag} {path}: no config.json (not an HF checkpoint directory; "
                              "convert with tools/convert_checkpoint.py export-hf)")
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise EvalInputError(f"{flag} {path}: no tokenizer ({', '.join(TOKENIZER_FILES)} all missing); "
+        raise BadInputError(f"{flag} {path}: no tokenizer ({', '.join(TOKENIZER_FILES)} all missing); "
                              "export with --tokenizer-dir or copy the tokenizer files into the directory")
     return path
 
@@ -56,7 +57,7 @@ def check_lengths(model_dir: Union[str, Path], lengths: Sequence[int], allow_ext
     limit = max_model_length(model_dir)
     too_long = [n for n in lengths if limit is not None and n > limit]
     if too_long and not allow_extrapolation:
-        raise EvalInputError(
+        raise BadInputError(
             f"{flag} {' '.join(map(str, too_long))}: longer than the model's limit of {limit} tokens "
             f"(max_position_embeddings in {Path(model_dir) / 'config.json'}); pass --allow-extrapolation "
             "to evaluate beyond it")
@@ -68,7 +69,7 @@ def load_tokenizer(model_dir: Union[str, Path]):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-class HFModel:
+class HFModel(TokenizerCodec):
     """An HF causal LM for evaluation (inference mode, eval(), one device)."""
 
     backend = "transformers"
@@ -101,16 +102,6 @@ class HFModel:
             elif isinstance(source, (list, tuple)):
                 ids.update(int(i) for i in source)
         return ids
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    @property
-    def bos(self) -> list[int]:
-        """The BOS the tokenizer would prepend (empty when it adds none)."""
-        with_special = self.tokenizer.encode("a", add_special_tokens=True)
-        without = self.tokenizer.encode("a", add_special_tokens=False)
-        return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
 
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -164,27 +155,29 @@ class HFModel:
                 scores[row] += logprobs[row, position, token].item()
         return scores
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Full-sequence logits, for :class:`ForwardScorer` (one forward per candidate)."""
+    def logits(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """Logits at the ``last`` final positions of ``tokens`` ``[1, T]``, for :class:`ForwardScorer`."""
         with torch.inference_mode():
-            return self.model(input_ids=tokens.to(self.device)).logits
+            return self.model(input_ids=tokens.to(self.device)).logits[:, -last:]
 
 
 class ForwardScorer:
-    """Teacher-forced candidate scoring from a ``tokens [1, T] -> logits [1, T, V]`` function:
-    one forward of prompt + candidate per candidate. The trainer's Megatron model scores through
-    this; :class:`HFModel.score_candidates` gives the same numbers with the prompt run once."""
+    """Teacher-forced candidate scoring from a ``logits_fn(tokens [1, T], last) -> logits [1, last, V]``
+    function (the logits at the ``last`` final positions, over the real vocabulary): one forward of
+    prompt + candidate per candidate. The trainer's ``--eval-probe`` scores its Megatron model
+    through this; :class:`HFModel.score_candidates` gives the same numbers with the prompt run once."""
 
-    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, logits_fn: Callable[[torch.Tensor, int], torch.Tensor]):
         self.logits_fn = logits_fn
 
     def score_candidates(self, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
         scores = []
         for candidate in candidates:
+            # The logits at the prompt's last token and at every candidate token but the last
+            # predict the candidate's tokens.
             tokens = torch.tensor([list(prompt) + list(candidate[:-1])], dtype=torch.long)
-            logprobs = torch.log_softmax(self.logits_fn(tokens)[0].float(), dim=-1)
-            start = len(prompt) - 1
-            scores.append(float(sum(logprobs[start + i, t].item() for i, t in enumerate(candidate))))
+            logprobs = torch.log_softmax(self.logits_fn(tokens, len(candidate))[0].float(), dim=-1)
+            scores.append(float(sum(logprobs[i, t].item() for i, t in enumerate(candidate))))
         return scores
 
 
@@ -196,4 +189,4 @@ def load_model(model_dir: Union[str, Path], *, backend: str = "transformers", de
         from megatron_exact.eval.vllm_backend import VLLMModel
 
         return VLLMModel(model_dir, dtype=dtype, flag=flag)
-    raise EvalInputError(f"--backend {backend}: unknown (choose transformers or vllm)")
+    raise BadInputError(f"--backend {backend}: unknown (choose transformers or vllm)")

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 from megatron_exact import atomic_io, cli
 from megatron_exact.eval import report, ruler
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 
 PROG = "megatron_exact.eval"
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _positive(values, flag: str) -> None:
     bad = [v for v in values if v <= 0]
     if bad:
-        raise EvalInputError(f"{flag} {' '.join(map(str, bad))}: must be positive")
+        raise BadInputError(f"{flag} {' '.join(map(str, bad))}: must be positive")
 
 
 def _device(args) -> str:
@@ -110,11 +110,11 @@ def _read_text(path: Optional[str], flag: str) -> Optional[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EvalInputError(f"{flag} {path}: no such file") from None
+        raise BadInputError(f"{flag} {path}: no such file") from None
     except UnicodeDecodeError as err:
-        raise EvalInputError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
+        raise BadInputError(f"{flag} {path}: not UTF-8 text (byte {err.start})") from None
     if len(text.split()) < 50:
-        raise EvalInputError(f"{flag} {path}: only {len(text.split())} words; a haystack needs prose (50+ words)")
+        raise BadInputError(f"{flag} {path}: only {len(text.split())} words; a haystack needs prose (50+ words)")
     return text
 
 
@@ -196,7 +196,7 @@ def _run_probe(args) -> None:
     _positive([length], "--length")
     distances = args.distances or probe.default_distances(length)
     if any(d < 0 for d in distances):
-        raise EvalInputError(f"--distances {' '.join(map(str, distances))}: must be >= 0")
+        raise BadInputError(f"--distances {' '.join(map(str, distances))}: must be >= 0")
     mirror = min(distances) if args.mirror_distance is None else args.mirror_distance
     mirror = None if mirror == -1 else mirror
     records, paths = {}, {}
@@ -226,7 +226,7 @@ def _run_nolima(args) -> None:
 
     _positive(args.lengths, "--lengths")
     if any(not 0 <= d <= 100 for d in args.depths):
-        raise EvalInputError(f"--depths {' '.join(map(str, args.depths))}: must lie in [0, 100]")
+        raise BadInputError(f"--depths {' '.join(map(str, args.depths))}: must lie in [0, 100]")
     needle_set = nolima.load_needle_set(args.nolima_dir, args.needle_set)
     haystack = _read_text(args.haystack_file, "--haystack-file")
     if haystack is None:

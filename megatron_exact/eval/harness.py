@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from megatron_exact import atomic_io
 from megatron_exact.eval.backend import check_model_dir
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
@@ -32,7 +32,7 @@ def _import_harness():
         from lm_eval.tasks import TaskManager, get_task_dict
         from lm_eval.utils import make_table
     except ImportError:
-        raise EvalInputError("lm-eval: lm-evaluation-harness is not installed; pip install -e '.[eval]'") from None
+        raise BadInputError("lm-eval: lm-evaluation-harness is not installed; pip install -e '.[eval]'") from None
     return lm_eval, TaskManager, get_task_dict, make_table
 
 
@@ -50,18 +50,18 @@ def run(model_dir, tasks: Sequence[str], *, output: Path, include_path: Optional
         dtype: str = "auto") -> dict:
     path = check_model_dir(model_dir)
     if include_path is not None and not Path(include_path).is_dir():
-        raise EvalInputError(f"--include-path {include_path}: not a directory of lm-eval task YAML files")
+        raise BadInputError(f"--include-path {include_path}: not a directory of lm-eval task YAML files")
     lm_eval, TaskManager, get_task_dict, make_table = _import_harness()
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise EvalInputError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval --tasks list`"
+        raise BadInputError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval --tasks list`"
                              + (f"; searched {include_path} too" if include_path else "") + ")")
     for task in tasks:
         try:
             get_task_dict([task], manager)
         except Exception as err:  # the harness and datasets raise many types for "not available offline"
-            raise EvalInputError(
+            raise BadInputError(
                 f"lm-eval task {task}: {_dataset_of(manager, task)} is not available offline "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); download it into the "
                 "HF datasets cache where there is internet, or give a task over local files with --include-path"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from megatron_exact.eval import ruler
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 
 SHIPPED = Path(__file__).with_name("data") / "nolima_needles.json"
 DEFAULT_NEEDLE_SET = "needle_set.json"
@@ -67,41 +67,41 @@ def _fill(template: str, args: Sequence[str], where: str, field: str) -> str:
     try:
         return template.format("", *args, CHAR="{CHAR}")
     except IndexError:
-        raise EvalInputError(f"{where}: {field} {template!r} uses a placeholder beyond its {len(args)} input_args")
+        raise BadInputError(f"{where}: {field} {template!r} uses a placeholder beyond its {len(args)} input_args")
     except (KeyError, ValueError) as err:
-        raise EvalInputError(f"{where}: {field} {template!r} is not a valid template ({err})")
+        raise BadInputError(f"{where}: {field} {template!r} is not a valid template ({err})")
 
 
 def parse_needle_set(records, source: str) -> NeedleSet:
     if not isinstance(records, list) or not records:
-        raise EvalInputError(f"needle set {source}: the top level must be a non-empty JSON list of needle entries")
+        raise BadInputError(f"needle set {source}: the top level must be a non-empty JSON list of needle entries")
     items = []
     for position, entry in enumerate(records):
         where = f"needle set {source}, entry {position}"
         if not isinstance(entry, dict):
-            raise EvalInputError(f"{where}: must be a JSON object")
+            raise BadInputError(f"{where}: must be a JSON object")
         where = f"needle set {source}, entry {entry.get('id', position)!r}"
         for field, kind in (("id", str), ("needle", str), ("questions", dict), ("character_set", list),
                             ("tests", dict)):
             if not isinstance(entry.get(field), kind):
-                raise EvalInputError(f"{where}: field {field!r} missing or not a {kind.__name__}")
+                raise BadInputError(f"{where}: field {field!r} missing or not a {kind.__name__}")
         characters = entry["character_set"]
         if not characters or not all(isinstance(c, str) and c for c in characters):
-            raise EvalInputError(f"{where}: 'character_set' must be a non-empty list of names")
+            raise BadInputError(f"{where}: 'character_set' must be a non-empty list of names")
         if "{CHAR}" not in entry["needle"]:
-            raise EvalInputError(f"{where}: 'needle' must contain {{CHAR}} (the answer)")
+            raise BadInputError(f"{where}: 'needle' must contain {{CHAR}} (the answer)")
         template = entry.get("task_template") or TASK_TEMPLATE
         names = {n for _, n, _, _ in string.Formatter().parse(template) if n is not None}
         if names != {"haystack", "question"}:
-            raise EvalInputError(f"{where}: 'task_template' must use exactly {{haystack}} and {{question}}, "
+            raise BadInputError(f"{where}: 'task_template' must use exactly {{haystack}} and {{question}}, "
                                  f"uses {sorted(names)}")
         for test_id, test in entry["tests"].items():
             args = test.get("input_args") if isinstance(test, dict) else None
             if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-                raise EvalInputError(f"{where}, test {test_id!r}: 'input_args' must be a list of strings")
+                raise BadInputError(f"{where}, test {test_id!r}: 'input_args' must be a list of strings")
             for question_type, question in entry["questions"].items():
                 if not isinstance(question, str):
-                    raise EvalInputError(f"{where}: question {question_type!r} must be a string")
+                    raise BadInputError(f"{where}: question {question_type!r} must be a string")
                 items.append(NeedleItem(
                     entry_id=entry["id"], test_id=test_id, question_type=question_type,
                     needle=_fill(entry["needle"], args, where, "needle"),
@@ -116,22 +116,22 @@ def load_needle_set(nolima_dir: Union[str, Path, None] = None, needle_set: Optio
     """The shipped set, or ``needlesets/<needle_set>`` (default ``needle_set.json``) under ``nolima_dir``."""
     if nolima_dir is None:
         if needle_set is not None:
-            raise EvalInputError("--needle-set needs --nolima-dir (the directory holding needlesets/)")
+            raise BadInputError("--needle-set needs --nolima-dir (the directory holding needlesets/)")
         path = SHIPPED
     else:
         root = Path(nolima_dir)
         if not root.is_dir():
-            raise EvalInputError(f"--nolima-dir {root}: not a directory")
+            raise BadInputError(f"--nolima-dir {root}: not a directory")
         path = root / "needlesets" / (needle_set or DEFAULT_NEEDLE_SET)
         if not path.is_file():
             found = sorted(p.name for p in (root / "needlesets").glob("*.json")) if (root / "needlesets").is_dir() else []
-            raise EvalInputError(f"--nolima-dir {root}: no {path.relative_to(root)}"
+            raise BadInputError(f"--nolima-dir {root}: no {path.relative_to(root)}"
                                  + (f" (found {', '.join(found)}; choose with --needle-set)" if found else
                                     " (expected NoLiMa's layout: needlesets/*.json, haystack/)"))
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise EvalInputError(f"needle set {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
+        raise BadInputError(f"needle set {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
                              f"{err.msg})") from None
     return parse_needle_set(records, str(path))
 
@@ -175,7 +175,7 @@ def generate_samples(needle_set: NeedleSet, codec, haystack_text: str, *, length
     chosen = order[:num_samples]
     sentences = ruler.split_sentences(re.sub(r"\s+", " ", haystack_text))
     if not sentences:
-        raise EvalInputError("the NoLiMa haystack holds no sentences")
+        raise BadInputError("the NoLiMa haystack holds no sentences")
     bos = list(codec.bos)
 
     def count_tokens(text: str) -> int:

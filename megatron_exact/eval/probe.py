@@ -22,7 +22,7 @@ Python API (used by the CLI, the trainer's ``--eval-probe`` and other tools)::
     table = summarize(records)                        # per (sweep, length, distance) cell
 
 ``codec`` is anything with ``encode(text) -> ids`` and ``bos`` (the ids the tokenizer prepends):
-:class:`~megatron_exact.eval.backend.HFModel` or :class:`TokenizerCodec`.
+:class:`~megatron_exact.eval.backend.HFModel` or :class:`~megatron_exact.eval.codec.TokenizerCodec`.
 """
 
 from __future__ import annotations
@@ -31,24 +31,9 @@ import dataclasses
 import random
 from typing import Callable, Iterable, Optional, Sequence
 
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
+from megatron_exact.eval.codec import TokenizerCodec  # noqa: F401  (part of the probe's API)
 from megatron_exact.eval.spec import ProbeSpec
-
-
-class TokenizerCodec:
-    """``encode``/``bos`` of an HF tokenizer, for building samples without loading a model."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    @property
-    def bos(self) -> list[int]:
-        with_special = self.tokenizer.encode("a", add_special_tokens=True)
-        without = self.tokenizer.encode("a", add_special_tokens=False)
-        return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
 
 
 @dataclasses.dataclass
@@ -92,7 +77,7 @@ class _FillerStream:
             if ids is None:
                 ids = self.cache[sentence] = self.codec.encode(sentence)
             if not ids:
-                raise EvalInputError(f"task specification {self.spec.source}: a filler sentence encodes to no tokens")
+                raise BadInputError(f"task specification {self.spec.source}: a filler sentence encodes to no tokens")
             self.tokens.extend(ids)
         return self.tokens[:count]
 
@@ -101,7 +86,7 @@ def build_sample(spec: ProbeSpec, codec, *, length: int, distance: int, index: i
                  sweep: str = "distance", _cache: Optional[dict] = None) -> ProbeSample:
     """One probe sample (see the module docstring for the layout)."""
     if distance < 0:
-        raise EvalInputError(f"probe distance {distance}: must be >= 0")
+        raise BadInputError(f"probe distance {distance}: must be >= 0")
     rng = random.Random(f"probe-{seed}-{index}")
     key = rng.choice(spec.keys)
     answer = rng.choice(spec.answers)
@@ -115,12 +100,12 @@ def build_sample(spec: ProbeSpec, codec, *, length: int, distance: int, index: i
     question = codec.encode(spec.separator + spec.render_question(key))
     candidate_ids = [codec.encode(spec.answer_separator + c) for c in candidates]
     if not all(candidate_ids):
-        raise EvalInputError(f"task specification {spec.source}: an answer encodes to no tokens")
+        raise BadInputError(f"task specification {spec.source}: an answer encodes to no tokens")
     longest = max(len(c) for c in candidate_ids)
     before = length - len(head) - len(fact) - distance - len(question) - longest
     if before < 0:
         fixed = length - before - distance
-        raise EvalInputError(
+        raise BadInputError(
             f"probe distance {distance} does not fit in length {length}: the prompt's fixed parts take {fixed} "
             f"tokens, so distances up to {length - fixed} fit; lower the distance or raise the length")
     filler = _FillerStream(spec, codec, f"probe-filler-{seed}-{index}", cache).take(before + distance)

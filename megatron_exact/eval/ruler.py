@@ -33,7 +33,7 @@ import string
 import uuid
 from typing import Callable, Optional
 
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 from megatron_exact.eval.spec import ProbeSpec
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -114,18 +114,18 @@ def task_family(name: str) -> str:
 def check_tasks(tasks, *, spec: Optional[ProbeSpec], haystack_text: Optional[str]) -> None:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise EvalInputError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
+        raise BadInputError(f"--tasks: unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     if spec is not None:
         outside = [t for t in tasks if t not in SPEC_TASKS]
         if outside:
-            raise EvalInputError(f"--tasks {' '.join(outside)}: not expressible in a task specification (--spec "
+            raise BadInputError(f"--tasks {' '.join(outside)}: not expressible in a task specification (--spec "
                                  f"{spec.source}); with --spec choose from {', '.join(SPEC_TASKS)}")
         if "vt" in tasks and spec.variable_tracking is None:
-            raise EvalInputError(f"--tasks vt with --spec {spec.source}: the specification has no "
+            raise BadInputError(f"--tasks vt with --spec {spec.source}: the specification has no "
                                  "'variable_tracking' section")
     essay = [t for t in tasks if t in ESSAY_TASKS]
     if essay and haystack_text is None:
-        raise EvalInputError(f"--tasks {' '.join(essay)}: essay-haystack tasks need --haystack-file (your own prose)")
+        raise BadInputError(f"--tasks {' '.join(essay)}: essay-haystack tasks need --haystack-file (your own prose)")
 
 
 # -- word sources -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def fit_units(build: Callable[[int], str], count_tokens: Callable[[str], int], b
     (exponential search, then bisection); refuses a length too short for the task's fixed text."""
     smallest = build(0)
     if count_tokens(smallest) > budget:
-        raise EvalInputError(f"--lengths {length}: too short for {task}: without any haystack its prompt takes "
+        raise BadInputError(f"--lengths {length}: too short for {task}: without any haystack its prompt takes "
                              f"{count_tokens(smallest)} tokens, {budget} are available; use a longer length")
     low, high = 0, max(1, start)
     while count_tokens(build(high)) <= budget:
@@ -340,7 +340,7 @@ def _cwe_builder(length: int):
 
     def listing(rng, num_words, common_repeats, uncommon_repeats):
         if num_words > len(words):
-            raise EvalInputError(f"cwe at length {length}: needs {num_words} distinct words, wonderwords has "
+            raise BadInputError(f"cwe at length {length}: needs {num_words} distinct words, wonderwords has "
                                  f"{len(words)}")
         chosen = rng.sample(words, num_words)
         common, uncommon = chosen[:10], chosen[10:]

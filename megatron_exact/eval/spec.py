@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from megatron_exact import atomic_io
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 
 SPEC_FORMAT = "megatron_exact.probe_spec"
 SPEC_VERSION = 1
@@ -131,8 +131,8 @@ class ProbeSpec:
         return record
 
 
-def _fail(source: str, what: str) -> EvalInputError:
-    return EvalInputError(f"task specification {source}: {what}")
+def _fail(source: str, what: str) -> BadInputError:
+    return BadInputError(f"task specification {source}: {what}")
 
 
 def _string(record: dict, field: str, source: str, *, required: bool = True, default: str = "") -> str:
@@ -264,11 +264,11 @@ def load_spec(path: Union[str, Path, None] = None) -> ProbeSpec:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise EvalInputError(f"task specification {path}: no such file") from None
+        raise BadInputError(f"task specification {path}: no such file") from None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise EvalInputError(f"task specification {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
+        raise BadInputError(f"task specification {path}: not valid JSON (line {err.lineno}, column {err.colno}: "
                              f"{err.msg})") from None
     return parse_spec(record, str(path))
 

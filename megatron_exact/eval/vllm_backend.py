@@ -9,33 +9,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence, Union
 
+from megatron_exact.errors import BadInputError
 from megatron_exact.eval.backend import check_model_dir, load_tokenizer, max_model_length
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.eval.codec import TokenizerCodec
 
 
-class VLLMModel:
+class VLLMModel(TokenizerCodec):
     backend = "vllm"
 
     def __init__(self, model_dir: Union[str, Path], *, dtype: str = "auto", flag: str = "--model"):
         try:
             import vllm
         except ImportError:
-            raise EvalInputError("--backend vllm: vLLM is not installed (pip install vllm), "
+            raise BadInputError("--backend vllm: vLLM is not installed (pip install vllm), "
                                  "or use --backend transformers") from None
         self.path = check_model_dir(model_dir, flag)
         self.tokenizer = load_tokenizer(self.path)
         self.max_length = max_model_length(self.path)
         self._vllm = vllm
         self.llm = vllm.LLM(model=str(self.path), dtype=dtype, max_model_len=self.max_length)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    @property
-    def bos(self) -> list[int]:
-        with_special = self.tokenizer.encode("a", add_special_tokens=True)
-        without = self.tokenizer.encode("a", add_special_tokens=False)
-        return with_special[: len(with_special) - len(without)] if with_special[-len(without):] == without else []
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -46,4 +38,4 @@ class VLLMModel:
         return [list(out.outputs[0].token_ids) for out in self.llm.generate(inputs, params, use_tqdm=False)]
 
     def score_candidates(self, prompt, candidates):
-        raise EvalInputError("the distance probe scores with transformers: pass --backend transformers")
+        raise BadInputError("the distance probe scores with transformers: pass --backend transformers")

@@ -141,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("validation and logging")
     group.add_argument("--eval-interval", type=int, default=1000)
     group.add_argument("--eval-iters", type=int, default=10, help="global batches per validation")
+    group.add_argument("--eval-probe", metavar="SPEC",
+                       help="task specification (JSON, as python -m megatron_exact.eval probe --spec takes): run the "
+                            "distance-resolved evidence probe on the model at every --eval-interval and at the end")
+    group.add_argument("--eval-probe-length", type=int,
+                       help="total length of the probe's prompts (default: --seq-length)")
+    group.add_argument("--eval-probe-distances", type=int, nargs="+",
+                       help="evidence distances in tokens (default: 64, 128, ... up to half of the length)")
+    group.add_argument("--eval-probe-samples", type=int, default=20, help="probe samples per distance")
+    group.add_argument("--eval-probe-seed", type=int, default=0, help="probe generation seed (the offline --seed)")
     group.add_argument("--log-interval", type=int, default=100)
     group.add_argument("--metrics-file", help="one JSON line per iteration and per validation")
     group.add_argument("--tensorboard-dir")
@@ -468,5 +477,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
 
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("--wandb-project needs the optional package wandb (pip install wandb)")
+    if args.eval_probe:
+        from megatron_exact.training.eval_probe import build_probe_samples
+
+        build_probe_samples(args, tokenizer, arch.vocab_size)  # the trainer builds them again (collectively)
     layout = RunLayout(world_size, dp, args.global_batch_size // (args.micro_batch_size * dp))
     return arch, layout, tokenizer

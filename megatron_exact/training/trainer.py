@@ -49,6 +49,7 @@ from megatron_exact.model.config import ModelArch
 from megatron_exact.model.packing import PackedBatch, batch_from_documents, pack_batch, pad_multiple
 from megatron_exact.model.paths import path_request_from_args, select_paths
 from megatron_exact.platform.distributed import initialize_model_parallel
+from megatron_exact.training import eval_probe
 from megatron_exact.training.arguments import ConfigError, RunLayout
 from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from megatron_exact.training.logging import (RunLogger, model_flops, peak_tflops, sum_squared_document_lengths, tail_share,
@@ -157,6 +158,8 @@ class Trainer:
         self._build_data(tokenizer_record)
         self.exact_loss = ExactLoss(exact_config_from_args(args), args.seq_length)
         self.validator = BucketedCrossEntropy(args.seq_length)
+        self.probe_samples = (eval_probe.build_probe_samples(args, self.tokenizer_record, arch.vocab_size)
+                              if args.eval_probe else None)
         self.forward_backward = get_forward_backward_func()
         self.signals = ExitSignalHandler() if args.exit_signal_handler else None
 
@@ -455,10 +458,19 @@ class Trainer:
         Collective: every rank runs its part of the forward in this run's own layout; the
         rank that logs (last stage, TP/DP/CP rank 0) gets the probe, every other rank None.
         """
+        documents = probe_documents(self.arch.vocab_size, self.args.seq_length)
+        positions = probe_positions(sum(len(doc) for doc in documents))
+        logits = self._logits_at(documents, positions)
+        if not self.is_logging_rank:
+            return None
+        return Probe(documents, positions, logits.cpu(), "bfloat16" if self.args.bf16 else "float32")
+
+    def _logits_at(self, documents: list[list[int]], positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """fp32 logits ``[len(positions), vocab]`` (the real vocabulary) of the model in eval mode on
+        ``documents`` packed into one row, at ``positions`` of that row; on every rank of the last
+        pipeline stage (None elsewhere). Collective: every rank runs its part in this run's layout."""
         args = self.args
-        documents = probe_documents(self.arch.vocab_size, args.seq_length)
         total = sum(len(doc) for doc in documents)
-        positions = probe_positions(total)
         # batch_from_documents wants seq_length + 1 tokens (the last is only a label): a 1-token tail.
         batch = batch_from_documents(documents + [[0]], seq_length=total)
         packed = self._to_device(pack_batch(
@@ -478,9 +490,28 @@ class Trainer:
             )
         for chunk in self.model:
             chunk.train()
-        if not self.is_logging_rank:
+        return reports[0]["probe"] if self.is_last_stage else None
+
+    # -- the evidence probe (--eval-probe) ------------------------------------------------
+    def _eval_probe_logits(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        """``ForwardScorer``'s logits function: the last ``last`` positions of one prompt row."""
+        total = tokens.shape[1]
+        logits = self._logits_at([tokens[0].tolist()], torch.arange(total - last, total))
+        return logits.cpu().unsqueeze(0)
+
+    def evaluate_probe(self) -> Optional[dict]:
+        """Score the probe's samples (every rank runs the same forwards; the logging rank logs)."""
+        if self.probe_samples is None:
             return None
-        return Probe(documents, positions, reports[0]["probe"].cpu(), "bfloat16" if args.bf16 else "float32")
+        start = time.time()
+        record = eval_probe.probe_record(self.iteration, self.args,
+                                         eval_probe.run_probe(self.probe_samples, self._eval_probe_logits))
+        record["time_s"] = time.time() - start
+        if self.logger:
+            self.logger.write_record(record)
+            print(eval_probe.describe(record), flush=True)
+            self.logger.scalars("eval_probe", eval_probe.scalars(record), self.iteration)
+        return record
 
     def _probe_forward_step(self, positions, data_iterator, model):
         packed = next(data_iterator)
@@ -561,6 +592,7 @@ class Trainer:
                 self.check_weight_hash_across_dp_replicas()
             if args.eval_interval and self.iteration % args.eval_interval == 0:
                 self.evaluate()
+                self.evaluate_probe()
                 evaluated_at = self.iteration
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()
@@ -577,6 +609,7 @@ class Trainer:
                 return
         if evaluated_at != self.iteration:
             self.evaluate()
+            self.evaluate_probe()
         if args.save and saved_at != self.iteration:
             self.save()
 

@@ -7,7 +7,7 @@ import pytest
 
 from megatron_exact.eval import nolima
 from megatron_exact.eval.cli import main
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 from megatron_exact.eval.probe import TokenizerCodec
 
 
@@ -97,22 +97,22 @@ def test_loader_reads_nolimas_layout(tmp_path, codec):
 ])
 def test_malformed_needle_sets_name_file_and_entry(tmp_path, entries, message):
     root = _nolima_dir(tmp_path, entries)
-    with pytest.raises(EvalInputError, match=message) as err:
+    with pytest.raises(BadInputError, match=message) as err:
         nolima.load_needle_set(root)
     assert "needle_set.json" in str(err.value)
 
 
 def test_missing_nolima_data_is_explained(tmp_path):
-    with pytest.raises(EvalInputError, match="not a directory"):
+    with pytest.raises(BadInputError, match="not a directory"):
         nolima.load_needle_set(tmp_path / "absent")
-    with pytest.raises(EvalInputError, match="no needlesets/needle_set.json"):
+    with pytest.raises(BadInputError, match="no needlesets/needle_set.json"):
         nolima.load_needle_set(tmp_path)
     root = _nolima_dir(tmp_path / "data", [NOLIMA_ENTRY])
     (root / "needlesets" / "needle_set.json").rename(root / "needlesets" / "needle_set_hard.json")
-    with pytest.raises(EvalInputError, match="found needle_set_hard.json; choose with --needle-set"):
+    with pytest.raises(BadInputError, match="found needle_set_hard.json; choose with --needle-set"):
         nolima.load_needle_set(root)
     (root / "needlesets" / "broken.json").write_text("[{\n")
-    with pytest.raises(EvalInputError, match=r"broken.json: not valid JSON \(line 2"):
+    with pytest.raises(BadInputError, match=r"broken.json: not valid JSON \(line 2"):
         nolima.load_needle_set(root, "broken.json")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from megatron_exact.eval import probe
 from megatron_exact.eval.backend import ForwardScorer, HFModel
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 from megatron_exact.eval.spec import default_spec, load_spec, parse_spec, write_spec
 
 
@@ -76,7 +76,7 @@ def test_mirror_sweep_varies_the_length_at_a_fixed_distance(codec):
 
 
 def test_a_distance_that_does_not_fit_is_refused(codec):
-    with pytest.raises(EvalInputError, match="distance 500 does not fit in length 300"):
+    with pytest.raises(BadInputError, match="distance 500 does not fit in length 300"):
         probe.build_sample(default_spec(), codec, length=300, distance=500, index=0)
 
 
@@ -164,7 +164,7 @@ def test_malformed_specs_name_file_and_field(tmp_path, change, message):
     change(record)
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(record))
-    with pytest.raises(EvalInputError, match=message) as err:
+    with pytest.raises(BadInputError, match=message) as err:
         load_spec(path)
     assert str(path) in str(err.value)
 
@@ -172,7 +172,7 @@ def test_malformed_specs_name_file_and_field(tmp_path, change, message):
 def test_spec_that_is_not_json_names_the_line(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{\n  "format": "megatron_exact.probe_spec",\n  "version": 1,,\n}\n')
-    with pytest.raises(EvalInputError, match=r"broken.json: not valid JSON \(line 3"):
+    with pytest.raises(BadInputError, match=r"broken.json: not valid JSON \(line 3"):
         load_spec(path)
-    with pytest.raises(EvalInputError, match="no such file"):
+    with pytest.raises(BadInputError, match="no such file"):
         load_spec(tmp_path / "missing.json")

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from megatron_exact.eval import metrics, ruler
-from megatron_exact.eval.errors import EvalInputError
+from megatron_exact.errors import BadInputError
 from megatron_exact.eval.probe import TokenizerCodec
 from megatron_exact.eval.spec import parse_spec
 
@@ -127,7 +127,7 @@ def test_specification_language_tasks(codec):
     (kv,) = ruler.generate_samples("niah_multikey_2", codec, length=512, num_samples=1, spec=spec)
     key = kv.metadata["queries"][0]
     assert kv.prompt.count(f"w3 {key} w4") == 1 and kv.prompt.endswith(f"w6 {key} w4")
-    with pytest.raises(EvalInputError, match="not expressible in a task specification"):
+    with pytest.raises(BadInputError, match="not expressible in a task specification"):
         ruler.generate_samples("cwe", codec, length=2048, num_samples=1, spec=spec)
 
 
@@ -138,14 +138,14 @@ def test_essay_haystack_from_the_users_text(codec):
     _fits(codec, "niah_single_2", sample, haystack_text=ESSAY)
     (multi,) = ruler.generate_samples("niah_multikey_1", codec, length=1024, num_samples=1, haystack_text=ESSAY)
     assert multi.prompt.count("One of the special magic numbers for") == 4 and len(multi.references) == 1
-    with pytest.raises(EvalInputError, match="need --haystack-file"):
+    with pytest.raises(BadInputError, match="need --haystack-file"):
         ruler.check_tasks(["niah_single_2"], spec=None, haystack_text=None)
 
 
 def test_unknown_task_and_too_short_length(codec):
-    with pytest.raises(EvalInputError, match="unknown task.*niah_single_9.*known: niah_single_1"):
+    with pytest.raises(BadInputError, match="unknown task.*niah_single_9.*known: niah_single_1"):
         ruler.check_tasks(["niah_single_9"], spec=None, haystack_text=None)
-    with pytest.raises(EvalInputError, match="--lengths 200: too short for cwe"):
+    with pytest.raises(BadInputError, match="--lengths 200: too short for cwe"):
         ruler.generate_samples("cwe", codec, length=200, num_samples=1)
 
 

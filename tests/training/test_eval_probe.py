@@ -1,0 +1,95 @@
+"""``--eval-probe``: the trainer's own probe scores equal the offline probe's on the export.
+
+A tiny LLaMA-3-style model trains two steps (one rank, in this process) on English text encoded
+with a HF tokenizer, running the shipped natural-language probe at every iteration; it is exported
+with ``export-hf`` and the offline probe (transformers, the prompt's KV cache shared by the
+candidates: another code path than the trainer's one Megatron forward per candidate) scores the
+export with the same specification and seed. The flag checks run in-process, before any model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_exact.eval.spec import DEFAULT_SPEC_PATH
+from tests.training.conftest import REPO, read_metrics
+
+HF_TOKENIZER = REPO / "tests" / "data" / "fixtures" / "hf_tokenizer"
+LENGTH, DISTANCES, SAMPLES, SEED = 320, [8, 96], 3, 5
+
+
+@pytest.fixture(scope="module")
+def english_corpus(tmp_path_factory) -> str:
+    from megatron_exact.data.preprocess import PreprocessConfig, preprocess
+
+    spec = json.loads(DEFAULT_SPEC_PATH.read_text())
+    sentences = spec["filler"]["sentences"]
+    root = tmp_path_factory.mktemp("english_corpus")
+    jsonl = root / "texts.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": " ".join(sentences[i:] + sentences[:i])}) + "\n"
+                             for i in range(len(sentences))))
+    preprocess(PreprocessConfig(input=str(jsonl), output_prefix=str(root / "data"),
+                                tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(HF_TOKENIZER),
+                                append_eod=True, workers=1))
+    return str(root / "data_text_document")
+
+
+def _flags(prefix: str, *extra: str) -> list[str]:
+    return ["--model", "tiny-llama3", "--vocab-size", "512", "--seq-length", str(LENGTH), "--micro-batch-size", "1",
+            "--global-batch-size", "2", "--train-iters", "2", "--lr", "3e-3", "--data-path", prefix,
+            "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1", "--eval-interval", "1", *extra]
+
+
+def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, in_process_trainers, tmp_path):
+    from megatron_exact.convert.exporter import export_hf
+    from megatron_exact.eval import probe
+    from megatron_exact.eval.backend import HFModel
+    from megatron_exact.eval.spec import load_spec
+
+    metrics = tmp_path / "metrics.jsonl"
+    trainer = in_process_trainers(_flags(
+        english_corpus, "--eval-probe", str(DEFAULT_SPEC_PATH), "--eval-probe-distances", *map(str, DISTANCES),
+        "--eval-probe-samples", str(SAMPLES), "--eval-probe-seed", str(SEED), "--metrics-file", str(metrics),
+        "--save", str(tmp_path / "ckpt")))
+    trainer.train()
+    trainer.close()
+    logged = [r for r in read_metrics(metrics) if r.get("split") == "eval_probe"]
+    assert [r["iteration"] for r in logged] == [1, 2]  # every --eval-interval; the end is iteration 2
+    assert all(len(r["cells"]) == len(DISTANCES) for r in logged)
+
+    model = HFModel(export_hf(tmp_path / "ckpt", tmp_path / "hf"), dtype="float32")
+    samples = probe.distance_sweep(load_spec(DEFAULT_SPEC_PATH), model, length=LENGTH, distances=DISTANCES,
+                                   num_samples=SAMPLES, seed=SEED)
+    offline = probe.summarize(probe.score_samples(model, samples))
+    assert len(offline) == len(DISTANCES)
+    margins_differ = False
+    for ours, theirs in zip(logged[-1]["cells"], offline):
+        assert (ours["distance"], ours["length"], ours["n"]) == (theirs["distance"], theirs["length"], theirs["n"])
+        for variant in ("present", "ablated"):
+            assert ours[f"accuracy_{variant}"] == theirs[f"accuracy_{variant}"]
+            assert ours[f"margin_{variant}"] == pytest.approx(theirs[f"margin_{variant}"], abs=1e-4)
+            margins_differ |= ours[f"margin_{variant}"] != logged[0]["cells"][0][f"margin_{variant}"]
+    assert margins_differ, "training changed nothing the probe sees: the comparison would prove little"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--eval-probe", "missing_spec.json"], "task specification missing_spec.json: no such file"),
+    (["--eval-probe", "BAD"], "not valid JSON (line 1"),
+    (["--eval-probe", "SPEC", "--eval-probe-distances", "200"], "--eval-probe-distances/--eval-probe-length"),
+    (["--eval-probe", "SPEC", "--eval-probe-length", "400"], "--eval-probe-length 400: must be in [1, --seq-length"),
+    (["--eval-probe", "SPEC", "--eval-probe-samples", "0"], "--eval-probe-samples must be positive"),
+    (["--eval-probe", "SPEC", "--eval-probe-distances", "-3"], "--eval-probe-distances -3: must be >= 0"),
+])
+def test_eval_probe_flags_are_checked_at_start_up(english_corpus, tmp_path, extra, message):
+    from megatron_exact.training.arguments import ConfigError, parse_args, validate_args
+
+    bad = tmp_path / "bad_spec.json"
+    bad.write_text("{not json")
+    extra = [{"SPEC": str(DEFAULT_SPEC_PATH), "BAD": str(bad)}.get(e, e) for e in extra]
+    with pytest.raises(ConfigError) as raised:
+        validate_args(parse_args(_flags(english_corpus, *extra)), world_size=1)
+    assert message in str(raised.value)
+    if "BAD" in extra or str(bad) in extra:
+        assert str(bad) in str(raised.value)
