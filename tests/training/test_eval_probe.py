@@ -1,7 +1,7 @@
 """``--eval-probe``: the trainer's own probe scores equal the offline probe's on the export.
 
 A tiny LLaMA-3-style model trains two steps (one rank, in this process) on English text encoded
-with a HF tokenizer, running the shipped natural-language probe at every iteration; it is exported
+with a HF tokenizer, running the probe (the shipped natural-language specification, 3 candidates) at every iteration; it is exported
 with ``export-hf`` and the offline probe (transformers, the prompt's KV cache shared by the
 candidates: another code path than the trainer's one Megatron forward per candidate) scores the
 export with the same specification and seed. The flag checks run in-process, before any model.
@@ -17,7 +17,17 @@ from megatron_exact.eval.spec import DEFAULT_SPEC_PATH
 from tests.training.conftest import REPO, read_metrics
 
 HF_TOKENIZER = REPO / "tests" / "data" / "fixtures" / "hf_tokenizer"
-LENGTH, DISTANCES, SAMPLES, SEED = 320, [8, 96], 3, 5
+LENGTH, DISTANCES, SAMPLES, SEED = 192, [4, 64], 2, 5
+
+
+@pytest.fixture(scope="module")
+def spec_file(tmp_path_factory):
+    """The shipped natural-language specification with 3 candidates and no preamble (fewer, shorter forwards)."""
+    record = json.loads(DEFAULT_SPEC_PATH.read_text())
+    record.update(candidates=3, preamble="")
+    path = tmp_path_factory.mktemp("spec") / "spec.json"
+    path.write_text(json.dumps(record))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +52,9 @@ def _flags(prefix: str, *extra: str) -> list[str]:
             "--split", "100,0,0", "--eval-iters", "0", "--log-interval", "1", "--eval-interval", "1", *extra]
 
 
-def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, in_process_trainers, tmp_path):
+@pytest.mark.slow  # a training and an export
+def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, spec_file, in_process_trainers,
+                                                                tmp_path):
     from megatron_exact.convert.exporter import export_hf
     from megatron_exact.eval import probe
     from megatron_exact.eval.backend import HFModel
@@ -50,7 +62,7 @@ def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, 
 
     metrics = tmp_path / "metrics.jsonl"
     trainer = in_process_trainers(_flags(
-        english_corpus, "--eval-probe", str(DEFAULT_SPEC_PATH), "--eval-probe-distances", *map(str, DISTANCES),
+        english_corpus, "--eval-probe", str(spec_file), "--eval-probe-distances", *map(str, DISTANCES),
         "--eval-probe-samples", str(SAMPLES), "--eval-probe-seed", str(SEED), "--metrics-file", str(metrics),
         "--save", str(tmp_path / "ckpt")))
     trainer.train()
@@ -60,7 +72,7 @@ def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, 
     assert all(len(r["cells"]) == len(DISTANCES) for r in logged)
 
     model = HFModel(export_hf(tmp_path / "ckpt", tmp_path / "hf"), dtype="float32")
-    samples = probe.distance_sweep(load_spec(DEFAULT_SPEC_PATH), model, length=LENGTH, distances=DISTANCES,
+    samples = probe.distance_sweep(load_spec(spec_file), model, length=LENGTH, distances=DISTANCES,
                                    num_samples=SAMPLES, seed=SEED)
     offline = probe.summarize(probe.score_samples(model, samples))
     assert len(offline) == len(DISTANCES)
@@ -77,17 +89,17 @@ def test_trainer_probe_scores_equal_offline_probe_on_the_export(english_corpus, 
 @pytest.mark.parametrize("extra, message", [
     (["--eval-probe", "missing_spec.json"], "task specification missing_spec.json: no such file"),
     (["--eval-probe", "BAD"], "not valid JSON (line 1"),
-    (["--eval-probe", "SPEC", "--eval-probe-distances", "200"], "--eval-probe-distances/--eval-probe-length"),
+    (["--eval-probe", "SPEC", "--eval-probe-distances", "150"], "--eval-probe-distances/--eval-probe-length"),
     (["--eval-probe", "SPEC", "--eval-probe-length", "400"], "--eval-probe-length 400: must be in [1, --seq-length"),
     (["--eval-probe", "SPEC", "--eval-probe-samples", "0"], "--eval-probe-samples must be positive"),
     (["--eval-probe", "SPEC", "--eval-probe-distances", "-3"], "--eval-probe-distances -3: must be >= 0"),
 ])
-def test_eval_probe_flags_are_checked_at_start_up(english_corpus, tmp_path, extra, message):
+def test_eval_probe_flags_are_checked_at_start_up(english_corpus, spec_file, tmp_path, extra, message):
     from megatron_exact.training.arguments import ConfigError, parse_args, validate_args
 
     bad = tmp_path / "bad_spec.json"
     bad.write_text("{not json")
-    extra = [{"SPEC": str(DEFAULT_SPEC_PATH), "BAD": str(bad)}.get(e, e) for e in extra]
+    extra = [{"SPEC": str(spec_file), "BAD": str(bad)}.get(e, e) for e in extra]
     with pytest.raises(ConfigError) as raised:
         validate_args(parse_args(_flags(english_corpus, *extra)), world_size=1)
     assert message in str(raised.value)
