@@ -504,8 +504,9 @@ class Trainer:
         if self.probe_samples is None:
             return None
         start = time.time()
-        record = eval_probe.probe_record(self.iteration, self.args,
-                                         eval_probe.run_probe(self.probe_samples, self._eval_probe_logits))
+        with self._parameters_gathered():
+            records = eval_probe.run_probe(self.probe_samples, self._eval_probe_logits)
+        record = eval_probe.probe_record(self.iteration, self.args, records)
         record["time_s"] = time.time() - start
         if self.logger:
             self.logger.write_record(record)
