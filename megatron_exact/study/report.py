@@ -262,6 +262,15 @@ def _errorbar(ax, xs, records, label, offset=0.0):
     ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
 
 
+def _save_figure(plt, fig, path: str) -> str:
+    """Lay out, write atomically and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    with atomic_io.atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(summary: dict, out_dir: str) -> List[str]:
     import matplotlib
 
@@ -298,12 +307,7 @@ def plot(summary: dict, out_dir: str) -> List[str]:
             bottom.set_xlabel("distance between fact and question (tokens)")
             bottom.set_ylabel("accuracy delta (paired)")
             bottom.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "probe_accuracy.png")
-        with atomic_io.atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, os.path.join(out_dir, "probe_accuracy.png")))
     buckets = _buckets(summary)
     if buckets:
         fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), sharex=True)
@@ -321,12 +325,7 @@ def plot(summary: dict, out_dir: str) -> List[str]:
         bottom.set_xlabel("effective context (bucket lower edge, tokens; 0 drawn at 1)")
         bottom.set_ylabel("loss delta (paired)")
         bottom.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "valid_loss_buckets.png")
-        with atomic_io.atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save_figure(plt, fig, os.path.join(out_dir, "valid_loss_buckets.png")))
     return written
 
 
