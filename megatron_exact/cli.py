@@ -35,6 +35,8 @@ from megatron_exact.errors import Interrupted, UserError, describe
 HANDLED = (UserError, OSError, ValueError)
 TRACEBACK_ENV = "MEGATRON_EXACT_TRACEBACK"
 
+_interrupted = False  # set by run() when it reported an interrupt
+
 
 def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
@@ -67,6 +69,8 @@ def run(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]], arg
         status = main(argv)
         return 0 if status is None else int(status)
     except KeyboardInterrupt as err:
+        global _interrupted
+        _interrupted = True
         print(f"{prog}: interrupted{_rank_tag()}", file=sys.stderr, flush=True)
         return err.exit_code if isinstance(err, Interrupted) else 128 + signal.SIGINT
     except HANDLED as err:
@@ -77,3 +81,19 @@ def run(prog: str, main: Callable[[Optional[Sequence[str]]], Optional[int]], arg
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def exit_process(status: int) -> None:
+    """End a tool's process with ``status`` (the ``if __name__ == "__main__"`` line of every tool).
+
+    After an interrupt the cleanup has already run inside :func:`run`; finalizing the
+    interpreter would then only tear down torch and Megatron-Core modules, which takes
+    seconds (more on a loaded node) while a user or a scheduler waits for the process to
+    end. So an interrupted tool flushes its output and exits at once; otherwise this is
+    ``sys.exit(status)``.
+    """
+    if _interrupted:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

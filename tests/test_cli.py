@@ -55,12 +55,16 @@ def test_traceback_on_request(monkeypatch):
 
 
 def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
-    """A terminated tool removes its temporary output on the way out (as for Ctrl-C) and exits 128+15."""
+    """A terminated tool removes its temporary output on the way out (as for Ctrl-C) and exits 128+15
+    at once: the interpreter is not finalized (no atexit hook runs; that teardown takes seconds once
+    torch is imported)."""
     script = tmp_path / "tool.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import atexit, sys, time
         from megatron_exact import cli
         from megatron_exact.atomic_io import atomic_open
+
+        atexit.register(lambda: print("finalized", file=sys.stderr, flush=True))
 
         def main(argv):
             with atomic_open({str(tmp_path / 'out.txt')!r}) as f:
@@ -68,7 +72,7 @@ def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
                 print("writing", flush=True)
                 time.sleep(60)
 
-        sys.exit(cli.run("tool.py", main))
+        cli.exit_process(cli.run("tool.py", main))
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=os.getcwd()))
@@ -78,5 +82,19 @@ def test_sigterm_runs_cleanup_and_exits_143(tmp_path):
     _, err = proc.communicate(timeout=10)
     assert time.time() - start < 10
     assert proc.returncode == 128 + signal.SIGTERM
-    assert "tool.py: interrupted" in err and "Traceback" not in err
+    assert "tool.py: interrupted" in err and "Traceback" not in err and "finalized" not in err
     assert list(tmp_path.iterdir()) == [script]  # no out.txt, no temporary
+
+
+def test_exit_process_without_interrupt_is_a_normal_exit(tmp_path):
+    script = tmp_path / "tool.py"
+    script.write_text(textwrap.dedent("""
+        import atexit, sys
+        from megatron_exact import cli
+
+        atexit.register(lambda: print("finalized", file=sys.stderr, flush=True))
+        cli.exit_process(cli.run("tool.py", lambda argv: 3))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert done.returncode == 3 and done.stderr == "finalized\n"

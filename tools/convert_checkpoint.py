@@ -20,6 +20,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_exact import cli  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,10 +97,8 @@ def _main(argv=None):
 
 
 def main(argv=None):
-    from megatron_exact import cli
-
     return cli.run("convert_checkpoint.py", _main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

@@ -16,6 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_exact import cli  # noqa: E402
+
 
 def get_args(argv=None):
     from megatron_exact.flags import add_data_args, add_exact_args
@@ -91,10 +93,8 @@ def _main(argv=None):
 
 
 def main(argv=None):
-    from megatron_exact import cli
-
     return cli.run("effective_context_stats.py", _main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

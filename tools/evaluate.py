@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_exact import cli  # noqa: E402
 from megatron_exact.eval.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(prog="evaluate.py"))
+    cli.exit_process(main(prog="evaluate.py"))

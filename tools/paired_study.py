@@ -14,6 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.path.pardir)))
 
+from megatron_exact import cli  # noqa: E402
+
 
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,10 +52,8 @@ def _main(argv=None):
 
 
 def main(argv=None):
-    from megatron_exact import cli
-
     return cli.run("paired_study.py", _main, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_process(main())

@@ -435,7 +435,7 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
     finished = False
     try:
         submitted = delivered = 0
-        finished = {}
+        pending = {}  # results that arrived before the ones ahead of them
         jobs = iter(jobs)
         exhausted = False
         while True:
@@ -449,10 +449,10 @@ def _ordered_results(jobs: Iterator, workers: int, initargs) -> Iterator[_ChunkR
             if delivered == submitted:
                 finished = True
                 return
-            while delivered not in finished:
+            while delivered not in pending:
                 number, result = pool.receive()
-                finished[number] = result
-            yield finished.pop(delivered)
+                pending[number] = result
+            yield pending.pop(delivered)
             delivered += 1
     finally:
         pool.close(finished)

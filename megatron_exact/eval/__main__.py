@@ -1,7 +1,6 @@
 """``python -m megatron_exact.eval <suite> ...`` (see :mod:`megatron_exact.eval.cli`)."""
 
-import sys
-
+from megatron_exact import cli
 from megatron_exact.eval.cli import main
 
-sys.exit(main())
+cli.exit_process(main())

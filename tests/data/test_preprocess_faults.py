@@ -162,6 +162,22 @@ def _gone(pids):
     return not any(alive(pid) for pid in pids)
 
 
+def _unlocked(path):
+    """Whether no process holds the ``flock`` on ``path`` (a missing file is not held)."""
+    import fcntl
+
+    try:
+        with open(path) as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            return True
+    except FileNotFoundError:
+        return True
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_second_writer_refused_and_interrupt_ends_within_seconds(tmp_path, capsys, long_input, sig):
@@ -201,10 +217,13 @@ def test_killed_run_orphans_no_worker_and_its_temporaries_are_cleaned(tmp_path, 
     proc.kill()  # no cleanup can run
     proc.wait(timeout=10)
     proc.stderr.close()
+    # The workers end with their parent. A worker's main thread can already be a zombie while
+    # its other threads still exit holding the inherited lock, so wait for the lock itself too.
+    lock = tmp_path / ".out_text_document.lock"
     deadline = time.time() + 10
-    while not _gone(workers) and time.time() < deadline:
+    while not (_gone(workers) and _unlocked(lock)) and time.time() < deadline:
         time.sleep(0.1)
-    assert _gone(workers)  # the workers end with their parent
+    assert _gone(workers) and _unlocked(lock)
     left = atomic_io.temporaries(tmp_path)
     assert left and all(path.name.startswith(".out_text_document.") for path in left)
     small = tmp_path / "small.jsonl"
