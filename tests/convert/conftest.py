@@ -1,15 +1,8 @@
 """Session fixtures for the conversion tests: tiny HF models saved to disk and their TP=1 imports."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.convert.tiny_hf_models import MODELS, build_hf_model, hf_config, save_tokenizer  # noqa: E402
+from tests.convert.tiny_hf_models import MODELS, build_hf_model, hf_config, save_tokenizer
 
 
 @pytest.fixture(scope="session")

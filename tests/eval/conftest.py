@@ -1,15 +1,8 @@
 """Session fixtures for the evaluation tests: tiny random HF models with a locally trained tokenizer."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.eval.tiny_eval_models import save_model  # noqa: E402
+from tests.eval.tiny_eval_models import save_model
 
 
 @pytest.fixture(scope="session")
