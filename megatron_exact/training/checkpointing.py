@@ -65,6 +65,8 @@ class LoadedState:
     """What differed between the checkpoint's schedule and this run's flags (see SCHEDULE_POLICIES)."""
     common: dict = dataclasses.field(default_factory=dict, repr=False)
     """The checkpoint's non-tensor state (data position, recorded arguments, ...)."""
+    optimizer_change: Optional[str] = None
+    """How the checkpoint's optimizer kind differs from this run's, when its state was carried over."""
 
 
 # What sets each entry of the scheduler's state (Megatron-Core's state_dict keys, plus the WSD
@@ -352,6 +354,157 @@ def _load_optimizer_state(optimizer, state: dict) -> None:
             inner.optimizer.state[param]["step"] = step.clone()
 
 
+# The optimizer kinds a checkpoint can hold, by what they keep in its common (non-tensor)
+# state, and where each keeps the fp32 main copy of a weight (a prefix of the weight's key;
+# the fp32 plain optimizer steps the weights themselves). The moments are
+# "optimizer.state.exp_avg.<weight>" (and exp_avg_sq) in all three, which is what lets a
+# checkpoint move between them (the distributed optimizer's state is saved fully_reshardable).
+DISTRIBUTED, PLAIN_FP32, PLAIN_BF16 = "distributed", "plain fp32", "plain bf16"
+MAIN_PARAM_PREFIX = {DISTRIBUTED: "optimizer.state.param.", PLAIN_BF16: "optimizer.state.fp32_param.", PLAIN_FP32: ""}
+OPTIMIZER_FLAG = {DISTRIBUTED: "with --use-distributed-optimizer", PLAIN_FP32: "without --use-distributed-optimizer",
+                  PLAIN_BF16: "without --use-distributed-optimizer"}
+
+
+def _saved_optimizer_kind(saved: dict) -> str:
+    if "param_state_sharding_type" in saved:
+        return DISTRIBUTED
+    return PLAIN_BF16 if "fp32_from_fp16_params" in saved else PLAIN_FP32
+
+
+def _run_optimizer_kind(optimizer) -> str:
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    inner = _single_inner_optimizer(optimizer)
+    if isinstance(inner, DistributedOptimizer):
+        return DISTRIBUTED
+    return PLAIN_BF16 if isinstance(inner, Float16OptimizerWithFloat16Params) else PLAIN_FP32
+
+
+def _single_inner_optimizer(optimizer):
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    return inners[0] if len(inners) == 1 else None
+
+
+def _saved_step(saved: dict, kind: str):
+    """Adam's step count as the checkpoint's optimizer kind keeps it (None before the first step)."""
+    if kind == DISTRIBUTED:
+        steps = [group.get("step") for group in saved["optimizer"]["param_groups"]]
+        return next((step for step in steps if step is not None), None)
+    state = saved["optimizer"]["state"] if kind == PLAIN_BF16 else saved["state"]
+    return state.get("common_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ModelWeight:
+    """Stands in a request for a main parameter the checkpoint keeps as the weight itself (the
+    fp32 plain optimizer's): read once, as the model's, not twice under one key."""
+
+    signature: tuple
+
+
+def _weight_signature(sharded) -> tuple:
+    """What tells one weight's entry from another's: the key is shared by all layers (the layer is
+    an offset), and a factory (e.g. the gated MLP's) carries its layer in its build function."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+
+    if isinstance(sharded, ShardedTensor):
+        return sharded.key, tuple(sharded.global_offset)
+    if isinstance(sharded, ShardedTensorFactory):
+        return sharded.key, id(sharded.build_fn)
+    assert isinstance(sharded, ShardedObject), type(sharded)
+    return sharded.key, tuple(sharded.global_offset)
+
+
+def _retarget_main_params(request: dict, run_kind: str, saved_kind: str) -> None:
+    """Point this run's main-parameter entries of ``request`` at where the saved kind keeps them."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    old, new = MAIN_PARAM_PREFIX[run_kind], MAIN_PARAM_PREFIX[saved_kind]
+
+    def retarget(value):
+        if old and isinstance(value, ShardedBase) and value.key.startswith(old):
+            weight = dataclasses.replace(value, key=value.key[len(old):])
+            return dataclasses.replace(weight, key=new + weight.key) if new else _ModelWeight(_weight_signature(weight))
+        return value
+
+    dict_list_map_inplace(retarget, request)
+
+
+def _loaded_weights(request, loaded, into: dict) -> dict:
+    """``{weight signature: tensor read}`` of the sharded entries of ``request``, from the load result ``loaded``."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(request, ShardedBase):
+        into[_weight_signature(request)] = loaded
+    elif isinstance(request, dict):
+        for key, value in request.items():
+            _loaded_weights(value, loaded[key], into)
+    elif isinstance(request, list):
+        for value, item in zip(request, loaded):
+            _loaded_weights(value, item, into)
+    return into
+
+
+def _state_in_run_layout(request, loaded, weights: dict):
+    """This run's optimizer state dict: the structure and non-tensor values of this run's own
+    request (hyper-parameters, parameter ids), the tensors read from the checkpoint (``weights``:
+    the model's, by signature, for the main parameters that are the weights themselves)."""
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(request, ShardedBase):
+        return loaded
+    if isinstance(request, _ModelWeight):
+        return weights[request.signature]
+    if isinstance(request, LocalNonpersistentObject):
+        return request.unwrap()
+    if isinstance(request, dict):
+        return {key: _state_in_run_layout(value, loaded.get(key) if isinstance(loaded, dict) else None, weights)
+                for key, value in request.items()}
+    if isinstance(request, list):
+        loaded = loaded if isinstance(loaded, list) else [None] * len(request)
+        return [_state_in_run_layout(value, item, weights) for value, item in zip(request, loaded)]
+    return request
+
+
+def _set_step(state: dict, kind: str, step) -> None:
+    if step is None:
+        return
+    if kind == DISTRIBUTED:
+        for group in state["optimizer"]["param_groups"]:
+            group["step"] = float(step)
+    else:
+        target = state["optimizer"]["state"] if kind == PLAIN_BF16 else state["state"]
+        target["common_step"] = torch.tensor(float(step))
+
+
+class OptimizerLayoutError(UserError, ValueError):
+    """The checkpoint's optimizer state cannot be carried into this run's optimizer."""
+
+
+def _plan_optimizer_change(directory: Path, common: dict, optimizer, request: dict) -> Optional[tuple[str, str]]:
+    """``(saved kind, this run's kind)`` when they differ, with ``request`` (this run's optimizer
+    request) retargeted at the checkpoint's main parameters; None when they are the same.
+    Refuses, naming the flags, what cannot be carried over."""
+    saved = common["optimizer"]
+    if not isinstance(saved, dict) or "optimizer" not in saved and "state" not in saved:
+        return None  # a chain of several optimizers: each loads its own part as saved
+    if _single_inner_optimizer(optimizer) is None:
+        return None
+    saved_kind, run_kind = _saved_optimizer_kind(saved), _run_optimizer_kind(optimizer)
+    if saved_kind == run_kind:
+        return None
+    run_bf16 = run_kind == PLAIN_BF16 or (run_kind == DISTRIBUTED and _single_inner_optimizer(optimizer).config.bf16)
+    if (saved_kind == PLAIN_FP32 and run_bf16) or (saved_kind == PLAIN_BF16 and not run_bf16):
+        written, now = ("without", "with") if saved_kind == PLAIN_FP32 else ("with", "without")
+        raise OptimizerLayoutError(
+            f"--load {directory}: the optimizer state was written {written} --bf16 and this run is {now} it: "
+            f"the fp32 main weights Adam steps are not in the checkpoint in the form this run keeps them. Resume "
+            f"{written} --bf16, or give --no-load-optim to start a fresh optimizer from these weights")
+    _retarget_main_params(request, run_kind, saved_kind)
+    return saved_kind, run_kind
+
+
 def load_checkpoint(
     load: str,
     model,
@@ -389,10 +542,12 @@ def load_checkpoint(
         check_schedule(directory, common["opt_param_scheduler"], scheduler, schedule_policy)
     model_state = model.sharded_state_dict()
     request = {"model": model_state}
+    optimizer_change = None
     if not weights_only:
         if load_optimizer:
             _allocate_optimizer_state(optimizer)
             request["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=metadata)
+            optimizer_change = _plan_optimizer_change(directory, common, optimizer, request["optimizer"])
         saved_layout = (common.get("args") or {}).get("layout", {})
         this_layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
                        "pp": parallel_state.get_pipeline_model_parallel_world_size()}
@@ -409,11 +564,20 @@ def load_checkpoint(
     # (non-tensor) state, which has an "optimizer" entry whether or not it was requested.
     schedule_changes = []
     if "optimizer" in request:
-        _load_optimizer_state(optimizer, loaded["optimizer"])
+        optimizer_state = loaded["optimizer"]
+        if optimizer_change is not None:
+            saved_kind, run_kind = optimizer_change
+            weights = _loaded_weights(model_state, loaded["model"], {})
+            optimizer_state = _state_in_run_layout(request["optimizer"], loaded["optimizer"], weights)
+            _set_step(optimizer_state, run_kind, _saved_step(common["optimizer"], saved_kind))
+        _load_optimizer_state(optimizer, optimizer_state)
         schedule_changes = load_scheduler(directory, common["opt_param_scheduler"], scheduler, schedule_policy)
     if "rng_state" in request:
         _restore_rng_state(loaded["rng_state"])
     return LoadedState(
+        optimizer_change=(f"written {OPTIMIZER_FLAG[optimizer_change[0]]} ({optimizer_change[0]} optimizer), "
+                          f"resumed {OPTIMIZER_FLAG[optimizer_change[1]]} ({optimizer_change[1]} optimizer)"
+                          if optimizer_change else None),
         iteration=int(common["iteration"]),
         consumed_train_samples=int(common["data_position"]["consumed_train_samples"]),
         directory=directory,

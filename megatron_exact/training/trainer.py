@@ -180,6 +180,9 @@ class Trainer:
                             f"{self.consumed_train_samples} samples consumed{', weights only' if args.finetune else ''})")
                 for change in loaded.arch_changes:
                     self._print(f"context extension: {change} (the checkpoint's setting -> this run's)")
+                if loaded.optimizer_change:
+                    self._print(f"optimizer state {loaded.optimizer_change}: Adam's moments and step carried over "
+                                "per parameter, in the layout this run keeps them")
                 if loaded.schedule_changes:
                     kept = ("this run's flags (--override-opt_param-scheduler)" if args.override_opt_param_scheduler
                             else "the checkpoint's (--use-checkpoint-opt_param-scheduler)")

@@ -1,6 +1,6 @@
 """Real multi-process (gloo) runs of the trainer on a tiny model: learning, DP consistency, exact resume
-(plain and distributed optimizer), reload under other TP/PP/CP layouts, interrupted checkpoints, NaN stop
-policy (on every rank; the skip policy's effect on the state: test_trainer_flags.py)."""
+(plain and distributed optimizer), resume across the two optimizers and across data-parallel sizes,
+reload under other TP/PP/CP layouts, interrupted checkpoints, NaN stop policy (on every rank; the skip policy's effect on the state: test_trainer_flags.py)."""
 
 from __future__ import annotations
 
@@ -171,6 +171,64 @@ def test_reload_under_pipeline_and_context_parallel(plain_optimizer_runs, byte_c
                                   "--pipeline-model-parallel-size", "2", "--context-parallel-size", "2"), nproc=4))
     assert "iter_0000003" in result.stdout and "DP=1 TP=1 PP=2 CP=2" in result.stdout
     _assert_matches_reference(metrics, runs)
+
+
+def _resumed_lines_match(metrics: Path, runs: Runs) -> None:
+    """The 3 iterations after the resume: the uninterrupted run's batches and losses (rel 1e-5)."""
+    ref = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
+    got = training_lines(metrics)
+    assert [r["iteration"] for r in got] == list(range(1, ITERS + 1))
+    for r in got[RESUME_AT:]:
+        expected = ref[r["iteration"]]
+        assert r["batch_sha1"] == expected["batch_sha1"]
+        for key in ("loss", "lm_loss", "grad_norm"):
+            assert r[key] == pytest.approx(expected[key], rel=1e-5), (key, r["iteration"])
+
+
+@pytest.mark.parametrize("source, resumed_flags, written, resumed", [
+    ("distributed_optimizer_runs", (), "with", "without"),
+    ("plain_optimizer_runs", ("--use-distributed-optimizer",), "without", "with"),
+])
+def test_resume_across_the_distributed_optimizer(source, resumed_flags, written, resumed, request, byte_corpus,
+                                                tmp_path):
+    """A checkpoint written with --use-distributed-optimizer resumes without it, and the reverse
+    (DP=2 both): Adam's moments and step carry over, so the uninterrupted run's trajectory goes on."""
+    runs = request.getfixturevalue(source)
+    ckpt, metrics = _reload_from_iteration_3(runs, tmp_path)
+    result = _check(launch(_flags(byte_corpus, "--metrics-file", str(metrics), "--load", str(ckpt), *resumed_flags)))
+    assert (f"optimizer state written {written} --use-distributed-optimizer" in result.stdout
+            and f"resumed {resumed} --use-distributed-optimizer" in result.stdout), result.stdout[-3000:]
+    _resumed_lines_match(metrics, runs)
+
+
+def test_elastic_resume_from_two_data_parallel_ranks_to_one(distributed_optimizer_runs, byte_corpus, tmp_path):
+    """Saved at DP=2, resumed at DP=1 with the same global batch (4 micro-batches instead of 2):
+    the same samples form each batch and the losses continue (the distributed optimizer's
+    state regathered for one rank)."""
+    runs = distributed_optimizer_runs
+    ckpt, metrics = _reload_from_iteration_3(runs, tmp_path)
+    result = _check(launch(_flags(byte_corpus, "--metrics-file", str(metrics), "--load", str(ckpt),
+                                  "--use-distributed-optimizer"), nproc=1))
+    assert "iter_0000003" in result.stdout and "4 micro-batch(es) of 2 per DP rank, DP=1" in result.stdout
+    _resumed_lines_match(metrics, runs)
+
+
+def test_elastic_resume_from_one_data_parallel_rank_to_two(plain_optimizer_runs, byte_corpus, tmp_path):
+    """Saved at DP=1 after 3 iterations, resumed at DP=2 with the same global batch: the 3
+    iterations after the resume are the uninterrupted DP=2 run's (and so are the 3 before)."""
+    runs = plain_optimizer_runs
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    flags = _flags(byte_corpus, "--metrics-file", str(metrics), "--save", str(ckpt), "--load", str(ckpt))
+    exit_at = flags.index("--exit-interval") + 1
+    first = _check(launch(flags[:exit_at] + [str(RESUME_AT)] + flags[exit_at + 1:], nproc=1))
+    assert "DP=1" in first.stdout and read_tracker(ckpt) == RESUME_AT
+    result = _check(launch(flags))
+    assert f"loaded {ckpt / 'iter_0000003'}" in result.stdout and "DP=2" in result.stdout
+    _resumed_lines_match(metrics, runs)
+    ref = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
+    for r in training_lines(metrics)[:RESUME_AT]:
+        assert r["batch_sha1"] == ref[r["iteration"]]["batch_sha1"]
+        assert r["loss"] == pytest.approx(ref[r["iteration"]]["loss"], rel=1e-5)
 
 
 def test_nan_loss_stops_the_run_with_a_message(byte_corpus, tmp_path):

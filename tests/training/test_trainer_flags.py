@@ -326,3 +326,14 @@ def test_no_load_optim_and_finetune(dropout_runs, in_process_trainers):
     _assert_same_tensors(finetune_loaded["weights"], loaded["weights"])  # the iteration-2 weights
     assert sorted(finetuned) == [1, 2, 3, 4]
     assert finetuned[1]["batch_sha1"] == straight[1]["batch_sha1"] and finetuned[1]["loss"] < straight[1]["loss"]
+
+
+@pytest.mark.parametrize("optimizer", [(), ("--use-distributed-optimizer",)])
+def test_optimizer_state_written_in_fp32_is_refused_under_bf16(dropout_runs, in_process_trainers, optimizer):
+    """The fp32 plain optimizer keeps no main weights of its own: a --bf16 resume (whose optimizer
+    steps fp32 main copies) cannot honour its state, and says which flags decide."""
+    from megatron_exact.training.checkpointing import OptimizerLayoutError
+
+    argv, _, root = dropout_runs
+    with pytest.raises(OptimizerLayoutError, match=r"written without --bf16 and this run is with it.*--no-load-optim"):
+        in_process_trainers(argv + ["--bf16", *optimizer])
