@@ -33,6 +33,19 @@ class ConfigWarning(UserWarning):
     """A launch configuration that works but is probably not what was meant."""
 
 
+# Megatron-Core's asynchronous save (dist_checkpointing.save(..., async_sharded_save=True) run by
+# an AsyncCallsQueue) forks a writer after torch.cuda.synchronize() and agrees on completion by
+# all-reducing CUDA tensors, so it cannot run on the CPU; on GPUs the trainer's save would have to
+# move its rename into place, tracker update and pruning into the queue's finalize step, which is
+# not built. Refused rather than silently saving synchronously.
+ASYNC_SAVE_REFUSAL = (
+    "--async-save is not supported by this trainer: Megatron-Core's asynchronous checkpoint writer "
+    "(dist_checkpointing's AsyncCallsQueue) synchronises and all-reduces on CUDA devices, so it cannot run on "
+    "the CPU, and on GPUs this trainer does not yet finish a save (rename into place, tracker, --most-recent-k) "
+    "from its finalize step. Drop --async-save: checkpoints are written synchronously, every rank in parallel"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_exact.py",
@@ -133,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on resume, keep the checkpoint's learning-rate/weight-decay schedule and ignore "
                             "this run's schedule flags")
     group.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist")
+    group.add_argument("--most-recent-k", type=int, default=-1,
+                       help="keep the K most recent checkpoints in --save, deleting older ones once a newer one "
+                            "is complete (Megatron-LM's CheckpointConfig.most_recent_k); -1 keeps all")
+    group.add_argument("--async-save", action="store_true",
+                       help="Megatron-LM's asynchronous save: refused here (see the message)")
     group.add_argument("--exit-interval", type=int,
                        help="save (with --save) and exit after an iteration divisible by this; resume with --load")
     group.add_argument("--exit-signal-handler", action="store_true",
@@ -446,6 +464,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
         raise ConfigError(f"--save-interval must be positive, got {args.save_interval}")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save (the checkpoint directory)")
+    if args.most_recent_k == 0 or args.most_recent_k < -1:
+        raise ConfigError(f"--most-recent-k must be a positive number of checkpoints to keep, or -1 to keep all; "
+                          f"got {args.most_recent_k}")
+    if args.most_recent_k != -1 and not args.save:
+        raise ConfigError("--most-recent-k has no effect without --save (the checkpoint directory it prunes)")
+    if args.async_save:
+        raise ConfigError(ASYNC_SAVE_REFUSAL)
     if args.exit_signal_handler and not args.save:
         raise ConfigError("--exit-signal-handler needs --save (it saves a checkpoint before exiting)")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:

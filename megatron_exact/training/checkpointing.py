@@ -21,7 +21,9 @@ probe logits of the model as trained (``probe_logits.safetensors``, see
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +42,7 @@ from megatron_exact.checkpoint import (
     checkpoint_dir,
     find_checkpoint,
     model_checkpoint_state,
+    read_tracker,
     reading_checkpoint,
     write_tracker_atomically,
 )
@@ -231,6 +234,38 @@ def save_checkpoint(
         write_tracker_atomically(save, iteration)
     torch.distributed.barrier()
     return final
+
+
+def remove_old_checkpoints(save: str, keep: int) -> list[Path]:
+    """Keep the ``keep`` (>= 1) most recent complete checkpoints in ``save`` (``--most-recent-k``);
+    returns what was removed. From one process (rank 0), once the tracker names the newest.
+
+    Only complete checkpoints count (``iter_*`` directories are renamed into place once complete;
+    what interrupted saves leave has a temporary name and is never counted or touched here), and
+    only those up to the tracker's iteration: the one the tracker names (what a resume loads) is
+    always the most recent. Checkpoints past it (from a trajectory abandoned by resuming from an
+    earlier one) are left alone. Each doomed directory is first renamed to a temporary name (one
+    atomic step), then deleted: an interrupted deletion leaves no half-deleted ``iter_*``
+    directory, only a temporary the next start removes.
+    """
+    latest = read_tracker(save)
+    if not isinstance(latest, int):
+        return []
+    complete = []
+    for entry in Path(save).iterdir():
+        match = re.fullmatch(r"iter_(\d{7})", entry.name)
+        if match and entry.is_dir() and not entry.is_symlink() and int(match[1]) <= latest:
+            complete.append((int(match[1]), entry))
+    complete.sort(reverse=True)
+    if not complete or complete[0][0] != latest:
+        return []  # the tracker's checkpoint is not here as a directory: decide nothing
+    removed = []
+    for _, directory in complete[keep:]:
+        doomed = atomic_io.temporary_path(directory, ".old")
+        os.replace(directory, doomed)
+        atomic_io.remove_temporaries([doomed])
+        removed.append(directory)
+    return removed
 
 
 def _local_bytes(state) -> int:

@@ -51,7 +51,8 @@ from megatron_exact.model.paths import path_request_from_args, select_paths
 from megatron_exact.platform.distributed import initialize_model_parallel
 from megatron_exact.training import eval_probe
 from megatron_exact.training.arguments import ConfigError, RunLayout
-from megatron_exact.training.checkpointing import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from megatron_exact.training.checkpointing import (load_checkpoint, remove_old_checkpoints, remove_stale_temporaries,
+                                                   save_checkpoint)
 from megatron_exact.training.logging import (RunLogger, model_flops, peak_tflops, sum_squared_document_lengths, tail_share,
                                              throughput)
 from megatron_exact.training.validation import BucketedCrossEntropy
@@ -559,6 +560,9 @@ class Trainer:
             tokenizer=self.tokenizer_record,
         )
         self._print(f"saved checkpoint {path} in {time.time() - start:.1f} s")
+        if args.most_recent_k > 0 and torch.distributed.get_rank() == 0:
+            for removed in remove_old_checkpoints(args.save, args.most_recent_k):
+                print(f"--most-recent-k {args.most_recent_k}: removed checkpoint {removed}", flush=True)
 
     def train(self) -> None:
         args = self.args

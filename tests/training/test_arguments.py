@@ -154,3 +154,16 @@ def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlap_grad_r
     validate(flags(byte_corpus, "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"))
     with pytest.warns(ConfigWarning, match=r"--ddp-bucket-size has no effect without --overlap-grad-reduce"):
         validate(flags(byte_corpus, "--ddp-bucket-size", "1000"))
+
+
+def test_most_recent_k_and_async_save_refusals(byte_corpus, tmp_path):
+    save = ("--save", str(tmp_path / "ckpt"))
+    for bad in ("0", "-2"):
+        with pytest.raises(ConfigError, match=rf"--most-recent-k must be a positive number.*got {bad}"):
+            validate(flags(byte_corpus, *save, "--most-recent-k", bad))
+    with pytest.raises(ConfigError, match=r"--most-recent-k has no effect without --save"):
+        validate(flags(byte_corpus, "--most-recent-k", "2"))
+    validate(flags(byte_corpus, *save, "--most-recent-k", "2"))
+    # Megatron-Core's async writer needs CUDA (it synchronises and all-reduces there): refused, not ignored.
+    with pytest.raises(ConfigError, match=r"--async-save is not supported by this trainer.*CUDA.*Drop --async-save"):
+        validate(flags(byte_corpus, *save, "--async-save"))

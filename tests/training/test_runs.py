@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_exact.atomic_io import temporary_path
-from megatron_exact.checkpoint import read_tracker, write_tracker_atomically
+from megatron_exact.checkpoint import TRACKER_FILENAME, read_tracker, write_tracker_atomically
 from tests.training.conftest import launch, read_metrics, tiny_flags, training_lines
 
 pytestmark = pytest.mark.slow  # multi-process runs
@@ -215,15 +215,20 @@ def test_elastic_resume_from_two_data_parallel_ranks_to_one(distributed_optimize
 
 def test_elastic_resume_from_one_data_parallel_rank_to_two(plain_optimizer_runs, byte_corpus, tmp_path):
     """Saved at DP=1 after 3 iterations, resumed at DP=2 with the same global batch: the 3
-    iterations after the resume are the uninterrupted DP=2 run's (and so are the 3 before)."""
+    iterations after the resume are the uninterrupted DP=2 run's (and so are the 3 before).
+    Both runs save every iteration and keep the 2 most recent checkpoints (--most-recent-k)."""
     runs = plain_optimizer_runs
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
-    flags = _flags(byte_corpus, "--metrics-file", str(metrics), "--save", str(ckpt), "--load", str(ckpt))
+    flags = _flags(byte_corpus, "--metrics-file", str(metrics), "--save", str(ckpt), "--load", str(ckpt),
+                   "--save-interval", "1", "--most-recent-k", "2")
     exit_at = flags.index("--exit-interval") + 1
     first = _check(launch(flags[:exit_at] + [str(RESUME_AT)] + flags[exit_at + 1:], nproc=1))
     assert "DP=1" in first.stdout and read_tracker(ckpt) == RESUME_AT
+    assert sorted(path.name for path in ckpt.glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+    assert f"--most-recent-k 2: removed checkpoint {ckpt / 'iter_0000001'}" in first.stdout
     result = _check(launch(flags))
     assert f"loaded {ckpt / 'iter_0000003'}" in result.stdout and "DP=2" in result.stdout
+    assert sorted(path.name for path in ckpt.iterdir()) == ["iter_0000005", "iter_0000006", TRACKER_FILENAME]
     _resumed_lines_match(metrics, runs)
     ref = {r["iteration"]: r for r in runs.straight if r.get("split") is None}
     for r in training_lines(metrics)[:RESUME_AT]:
