@@ -4,6 +4,7 @@ Driven by tests/parallel/test_layouts.py; also runnable by hand:
 
     python tests/parallel/layout_run.py reference --workdir /tmp/lay [--preset tiny-qwen3]
     python -m torch.distributed.run --nproc-per-node=2 tests/parallel/layout_run.py layouts --workdir /tmp/lay
+    python -m torch.distributed.run --nproc-per-node=4 tests/parallel/layout_run.py layouts --workdir /tmp/lay4 --layouts cp4
 
 ``reference`` (one process, DP=1, 4 micro-batches) builds the model from a
 seed, saves its weights as a torch_dist checkpoint and runs the step for every
@@ -41,13 +42,15 @@ TAU = 32  # tail buckets [32, 64), [64, 128), [128, 256)
 SEED = 1234
 DATA_SEED = 20240607
 
-# name -> (tensor, pipeline, context parallel size, sequence parallelism); the rest of 2 ranks is DP.
+# name -> (tensor, pipeline, context parallel size, sequence parallelism); the rest of the ranks
+# (2, or 4 for cp4: a torchrun of its own) is DP.
 LAYOUTS = {
     "dp2": (1, 1, 1, False),
     "tp2": (2, 1, 1, False),
     "tp2sp": (2, 1, 1, True),
     "pp2": (1, 2, 1, False),
     "cp2": (1, 1, 2, False),
+    "cp4": (1, 1, 4, False),
 }
 
 

@@ -3,7 +3,8 @@
 Real multi-process ``gloo`` runs of ``layout_run.py`` (one reference process,
 then one ``torchrun`` of two processes that goes through every layout). The
 reference is DP=1 with 4 micro-batches; the layouts are DP=2 (2 micro-batches
-each), TP=2, TP=2 with sequence parallelism, PP=2 and CP=2 (4 micro-batches),
+each), TP=2, TP=2 with sequence parallelism, PP=2 and CP=2 (4 micro-batches), and
+CP=4 (four processes, every document cut into 8 chunks),
 for the EXACT objective (scope step, both normalizations) and the uniform one;
 and scope microbatch, which must match wherever the micro-batch split is
 kept (TP, PP, CP) and must not with DP=2.
@@ -38,6 +39,34 @@ def workdir(tmp_path_factory):
     run_checked([sys.executable, HARNESS, "reference", "--workdir", directory], timeout=300)
     run_checked(torchrun_command(HARNESS, "layouts", "--workdir", directory, "--layouts", *LAYOUTS), timeout=600)
     return directory
+
+
+@pytest.fixture(scope="module")
+def cp4_workdir(workdir, tmp_path_factory):
+    """CP=4 on four processes, from the reference run's weights, gradients and statistics."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("layouts_cp4")
+    shutil.copytree(workdir / "weights", directory / "weights")
+    for part in ("grads", "results"):
+        for reference in (workdir / part).glob("reference-*"):
+            copy = shutil.copytree if reference.is_dir() else shutil.copy
+            (directory / part).mkdir(exist_ok=True)
+            copy(reference, directory / part / reference.name)
+    run_checked(torchrun_command(HARNESS, "layouts", "--workdir", directory, "--layouts", "cp4", nproc=4), timeout=600)
+    return directory
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES + ("exact-microbatch",))
+def test_context_parallel_over_four_ranks_gives_reference_loss_and_gradients(cp4_workdir, objective):
+    reference, stats = _stats(cp4_workdir, f"reference-{objective}"), _stats(cp4_workdir, f"cp4-{objective}")
+    assert stats["tokens"] == reference["tokens"] and stats["bucket_tokens"] == reference["bucket_tokens"]
+    assert stats["bucket_weights"] == pytest.approx(reference["bucket_weights"], rel=1e-7)
+    assert stats["objective"] == pytest.approx(reference["objective"], rel=TOLERANCE)
+    assert stats["lm_loss"] == pytest.approx(reference["lm_loss"], rel=TOLERANCE)
+    result = json.loads((cp4_workdir / "comparison.json").read_text())[f"cp4-{objective}"]
+    assert result["grad_norm"] > 0
+    assert result["max_relative_grad_diff"] <= TOLERANCE, result
 
 
 # Qwen3 (QK-norm, explicit head_dim, no QKV bias): the QK-norm weights' gradients are summed over TP by
