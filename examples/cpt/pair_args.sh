@@ -3,9 +3,25 @@
 #   pair_args <pair> <uniform|exact>    fills the bash array TRAIN_ARGS
 #
 # pairs: qwen2.5-0.5b-4k  qwen2.5-0.5b-8k  qwen2.5-0.5b-16k  llama3.2-3b-16k
+#        qwen2.5-0.5b-32k  llama3.2-3b-64k   (long contexts, below)
 # The two runs of a pair differ only in --loss-weighting. Paths come from the
 # environment: DATA (preprocessed prefix), HF_CKPT (converted HF checkpoint,
 # see prepare.sh), RUNS (output root), HF_DIR (the HF model, for the config).
+#
+# Every pair trains the same 512K tokens per step (--global-batch-size x --seq-length).
+# Long contexts are spread over GPUs by context parallelism: each of the CP ranks holds
+# seq-length / CP tokens of every sequence (divided again by TP under --sequence-parallel),
+# so the activation memory per GPU follows seq-length / (TP x CP):
+#   qwen2.5-0.5b-32k  TP=1 CP=4  8192 tokens per GPU, as qwen2.5-0.5b-8k at CP=1;
+#                     32768 is the model's own max_position_embeddings (no RoPE change);
+#   llama3.2-3b-64k   TP=2 CP=4  8192 tokens per GPU, twice llama3.2-3b-16k's (TP=2 CP=2);
+#                     inside Llama-3.2's 131072 positions (its RoPE scaling as shipped).
+# Both need TP x CP = 4 or 8 GPUs (one 8-GPU node; the rest is DP). With document masking the
+# attention work of a step grows with the sum over documents of their squared lengths, not
+# with seq-length squared, so the time per step depends on the corpus' document lengths:
+# time a few iterations first (--train-iters 20 --eval-iters 0; the trainer logs tokens/s
+# and TFLOP/s per GPU), and on an out-of-memory error raise CP (more GPUs) or use
+# --recompute-granularity full. No memory or time figures are measured for these two yet.
 
 pair_args() {
     local pair=$1 weighting=$2
@@ -16,7 +32,10 @@ pair_args() {
         qwen2.5-0.5b-8k)  model=qwen2.5-0.5b; seq=8192;  tp=1; cp=1; gbs=64;  lr=2e-5 ;;
         qwen2.5-0.5b-16k) model=qwen2.5-0.5b; seq=16384; tp=1; cp=2; gbs=32;  lr=2e-5 ;;
         llama3.2-3b-16k)  model=llama3.2-3b;  seq=16384; tp=2; cp=2; gbs=32;  lr=1e-5 ;;
-        *) echo "unknown pair '$pair' (qwen2.5-0.5b-4k, qwen2.5-0.5b-8k, qwen2.5-0.5b-16k, llama3.2-3b-16k)" >&2; return 2 ;;
+        qwen2.5-0.5b-32k) model=qwen2.5-0.5b; seq=32768; tp=1; cp=4; gbs=16;  lr=2e-5 ;;
+        llama3.2-3b-64k)  model=llama3.2-3b;  seq=65536; tp=2; cp=4; gbs=8;   lr=1e-5 ;;
+        *) echo "unknown pair '$pair' (qwen2.5-0.5b-4k, qwen2.5-0.5b-8k, qwen2.5-0.5b-16k, llama3.2-3b-16k," \
+                "qwen2.5-0.5b-32k, llama3.2-3b-64k)" >&2; return 2 ;;
     esac
     local out="${RUNS:-runs}/${pair}/${weighting}"
     # Start from the converted HF checkpoint (weights only); after a preemption, from the run's own.

@@ -10,7 +10,8 @@ import pytest
 from megatron_exact.training.arguments import build_parser, resolve_arch
 from tests.training.conftest import REPO
 
-PAIRS = ("qwen2.5-0.5b-4k", "qwen2.5-0.5b-8k", "qwen2.5-0.5b-16k", "llama3.2-3b-16k")
+PAIRS = ("qwen2.5-0.5b-4k", "qwen2.5-0.5b-8k", "qwen2.5-0.5b-16k", "llama3.2-3b-16k", "qwen2.5-0.5b-32k",
+         "llama3.2-3b-64k")
 
 
 def dry_run(script, *argv, **env) -> list[str]:
@@ -50,6 +51,12 @@ def test_paired_runs_parse_and_differ_only_in_loss_weighting(script, pair):
     assert args_u.seq_length == int(pair.split("-")[-1][:-1]) * 1024
     tp = args_u.tensor_model_parallel_size
     assert arch.num_attention_heads % tp == 0 and arch.num_query_groups % tp == 0
+    # Every pair trains the same tokens per step; long contexts stay inside the model's positions
+    # and fit one 8-GPU node (the per-GPU tokens documented in pair_args.sh).
+    assert args_u.seq_length * args_u.global_batch_size == 512 * 1024
+    assert args_u.seq_length <= arch.max_position_embeddings
+    assert 8 % (tp * args_u.context_parallel_size) == 0
+    assert args_u.seq_length // (tp * args_u.context_parallel_size) <= 8192
 
 
 def test_unknown_pair_is_refused():
