@@ -5,10 +5,13 @@ through ``dist_checkpointing.save`` into a temporary directory that rank 0
 renames into place once all ranks are done; only then is the tracker
 (``latest_checkpointed_iteration.txt``) rewritten. A run killed mid-save
 leaves a hidden temporary directory and the tracker still naming the
-previous complete checkpoint, which is what a resume loads.
+previous complete checkpoint, which is what a resume loads. ``--most-recent-k``
+prunes older complete checkpoints once the tracker names a newer one
+(``remove_old_checkpoints``).
 
 Contents: ``model`` (sharded), ``optimizer`` (sharded against the model, so
-it reloads under another TP/PP layout), ``opt_param_scheduler``,
+it reloads under another TP/PP/DP layout, and with ``--use-distributed-optimizer``
+switched on or off: see ``_plan_optimizer_change``), ``opt_param_scheduler``,
 ``rng_state`` (per TP/PP rank; skipped when the layout changed),
 ``iteration``, ``data_position`` (consumed samples, and a digest of which samples they
 were in which order), ``model_arch``,
