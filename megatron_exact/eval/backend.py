@@ -2,7 +2,8 @@
 
 Two operations, both batched:
 
-- :meth:`HFModel.generate`: greedy decoding with the KV cache, prompts left-padded into one batch;
+- :meth:`HFModel.generate`: greedy decoding with the KV cache: each prompt prefilled alone, the decode
+  steps batched over the left-padded caches, finished rows leaving the batch;
 - :meth:`HFModel.score_candidates`: teacher-forced log-probabilities of candidate continuations:
   the prompt runs once, its KV cache is shared by all candidates, which run together in one
   batched forward over it. :class:`ForwardScorer` does the same from any ``tokens -> logits``
@@ -106,22 +107,54 @@ class HFModel(TokenizerCodec):
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of left-padded ``prompts`` (one batch), KV-cached; stops at EOS."""
+        """Greedy continuations of ``prompts``, KV-cached; each row stops at EOS.
+
+        Each prompt's prefill runs alone (no padding rows, no mask: the causal kernel); the caches
+        are then left-padded into one batch and the decode steps run batched, a row leaving the
+        batch when it reaches EOS. One prompt goes through the same code with a batch of one."""
+        from transformers import DynamicCache
+
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        rows = len(prompts)
+        caches, tokens = [], []
+        for prompt in prompts:
+            out = self.model(input_ids=torch.tensor([list(prompt)], dtype=torch.long, device=self.device),
+                             use_cache=True, logits_to_keep=1)
+            caches.append(out.past_key_values)
+            tokens.append(int(out.logits[0, -1].argmax()))
+        cache = DynamicCache()
+        for layer in range(self.model.config.get_text_config().num_hidden_layers):
+            keys, values = zip(*(_layer_states(c, layer) for c in caches))
+            cache.update(torch.cat([_left_pad(k, width) for k in keys]),
+                         torch.cat([_left_pad(v, width) for v in values]), layer)
+        del caches
+        mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            attention[row, width - len(prompt):] = 1
-        output = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
-            pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids) or None, use_cache=True,
-        )
-        continuations = []
-        for row in output[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            continuations.append(row[:cut])
+            mask[row, width - len(prompt): width] = 1
+        positions = torch.tensor([[len(p)] for p in prompts], dtype=torch.long, device=self.device)
+        continuations: list[list[int]] = [[] for _ in prompts]
+        active = list(range(rows))  # original row of each batch row
+        last = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        for step in range(max_new_tokens):
+            keep = []
+            for index, row in enumerate(active):
+                token = int(last[index])
+                if token in self.eos_ids:
+                    continue
+                continuations[row].append(token)
+                keep.append(index)
+            if step == max_new_tokens - 1 or not keep:
+                break
+            if len(keep) < len(active):  # finished rows leave the batch
+                select = torch.tensor(keep, dtype=torch.long, device=self.device)
+                cache.batch_select_indices(select)
+                mask, positions, last = mask[select], positions[select], last[select]
+                active = [active[i] for i in keep]
+            mask[:, width + step] = 1
+            out = self.model(input_ids=last[:, None], attention_mask=mask[:, : width + step + 1],
+                             position_ids=positions, **{self._cache_argument: cache}, use_cache=True)
+            last = out.logits[:, -1].argmax(-1)
+            positions = positions + 1
         return continuations
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -159,6 +192,18 @@ class HFModel(TokenizerCodec):
         """Logits at the ``last`` final positions of ``tokens`` ``[1, T]``, for :class:`ForwardScorer`."""
         with torch.inference_mode():
             return self.model(input_ids=tokens.to(self.device)).logits[:, -last:]
+
+
+def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's cached keys and values ``[1, heads, T, dim]`` (transformers >= 4.56 keeps them in
+    ``cache.layers``, older versions in ``key_cache`` / ``value_cache``)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[2], 0))
 
 
 class ForwardScorer:

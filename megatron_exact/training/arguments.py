@@ -505,6 +505,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> tuple[ModelArch,
     if args.eval_probe:
         from megatron_exact.training.eval_probe import build_probe_samples
 
-        build_probe_samples(args, tokenizer, arch.vocab_size)  # the trainer builds them again (collectively)
+        build_probe_samples(args, tokenizer, arch.vocab_size)  # kept: the trainer takes the same list
     layout = RunLayout(world_size, dp, args.global_batch_size // (args.micro_batch_size * dp))
     return arch, layout, tokenizer

@@ -12,8 +12,10 @@ the ones the offline probe gives on the exported checkpoint with the same specif
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import tempfile
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -66,6 +68,22 @@ def build_probe_samples(args: argparse.Namespace, tokenizer_record: dict, vocab_
     if any(d < 0 for d in distances):
         raise ConfigError(f"--eval-probe-distances {' '.join(map(str, distances))}: must be >= 0")
     args.eval_probe_distances = sorted(set(distances))
+    key = json.dumps([dataclasses.asdict(spec), length, args.eval_probe_distances, args.eval_probe_samples,
+                      args.eval_probe_seed, tokenizer_record, vocab_size], sort_keys=True, default=repr)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = _sweep(args, tokenizer_record, vocab_size, spec, length)
+    return _BUILT[key]
+
+
+# The samples of the last build_probe_samples call, by its inputs: validate_args builds them (to
+# check the flags at start-up), the trainer then takes the same list instead of building it again.
+_BUILT: dict = {}
+
+
+def _sweep(args: argparse.Namespace, tokenizer_record: dict, vocab_size: int, spec, length: int) -> list:
+    from megatron_exact.eval import probe
+
     codec = probe_codec(tokenizer_record)
     try:
         samples = probe.distance_sweep(spec, codec, length=length, distances=args.eval_probe_distances,
@@ -88,12 +106,20 @@ def probe_record(iteration: int, args: argparse.Namespace, records: list) -> dic
             "cells": summarize(records)}
 
 
-def run_probe(samples: list, logits_fn: Callable[[torch.Tensor, int], torch.Tensor]) -> list:
-    """Per-sample records of the offline probe's scoring over ``logits_fn`` (collective when it is)."""
+def run_probe(samples: list, logits_fn: Callable[[torch.Tensor, int], torch.Tensor], *, rank: int = 0,
+              size: int = 1, all_gather: Optional[Callable[[list], list]] = None) -> list:
+    """Per-sample records of the offline probe's scoring over ``logits_fn`` (collective when it is),
+    in the samples' order. Over ``size`` data-parallel replicas, replica ``rank`` scores
+    ``samples[rank::size]`` and ``all_gather`` (this replica's records -> every replica's, by rank)
+    puts them together."""
     from megatron_exact.eval.backend import ForwardScorer
     from megatron_exact.eval.probe import score_samples
 
-    return score_samples(ForwardScorer(logits_fn), samples)
+    records = score_samples(ForwardScorer(logits_fn), samples[rank::size])
+    if size == 1:
+        return records
+    shares = all_gather(records)
+    return [shares[i % size][i // size] for i in range(len(samples))]
 
 
 def scalars(record: dict) -> dict:

@@ -504,12 +504,22 @@ class Trainer:
         return logits.cpu().unsqueeze(0)
 
     def evaluate_probe(self) -> Optional[dict]:
-        """Score the probe's samples (every rank runs the same forwards; the logging rank logs)."""
+        """Score the probe's samples, split over the data-parallel replicas (each scores its share
+        with the TP/CP ranks of its model; the records are gathered over DP); the logging rank logs."""
         if self.probe_samples is None:
             return None
         start = time.time()
+        group = parallel_state.get_data_parallel_group()
+        size = parallel_state.get_data_parallel_world_size()
+
+        def all_gather(records: list) -> list:
+            shares: list = [None] * size
+            torch.distributed.all_gather_object(shares, records, group=group)
+            return shares
+
         with self._parameters_gathered():
-            records = eval_probe.run_probe(self.probe_samples, self._eval_probe_logits)
+            records = eval_probe.run_probe(self.probe_samples, self._eval_probe_logits, all_gather=all_gather,
+                                           rank=parallel_state.get_data_parallel_rank(), size=size)
         record = eval_probe.probe_record(self.iteration, self.args, records)
         record["time_s"] = time.time() - start
         if self.logger:

@@ -107,6 +107,11 @@ def test_batched_generation_equals_one_prompt_at_a_time(eval_models):
     batched = model.generate(prompts, 6)
     alone = [model.generate([p], 6)[0] for p in prompts]
     assert batched == alone and all(len(ids) == 6 for ids in alone)
+    # A row that reaches EOS leaves the batch; the others go on as they would alone.
+    model.eos_ids = {alone[1][2]}
+    cut = [ids[: ids.index(alone[1][2])] if alone[1][2] in ids else ids for ids in alone]
+    assert model.generate(prompts, 6) == cut == [model.generate([p], 6)[0] for p in prompts]
+    assert len(cut[1]) == 2 and any(len(ids) == 6 for ids in cut)
 
 
 def test_progress_reports_rate_and_eta(capsys):
@@ -117,3 +122,15 @@ def test_progress_reports_rate_and_eta(capsys):
             step(1)
     err = capsys.readouterr().err
     assert re.search(r"ruler A: 3/3 samples \[.*sample/s\]", err)
+
+
+def test_generation_equals_transformers_greedy_generate(eval_models):
+    """The own decode loop (per-prompt prefill, batched decode steps) gives transformers' greedy tokens."""
+    import torch
+
+    model = HFModel(eval_models["a"])
+    prompt = model.bos + model.encode("Fog rolls in from the sea each morning, and then " * 4)
+    ids = torch.tensor([prompt])
+    reference = model.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, num_beams=1, pad_token_id=model.pad_id, eos_token_id=None)
+    assert model.generate([prompt], 8) == [reference[0, len(prompt):].tolist()]

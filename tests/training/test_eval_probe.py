@@ -105,3 +105,45 @@ def test_eval_probe_flags_are_checked_at_start_up(english_corpus, spec_file, tmp
     assert message in str(raised.value)
     if "BAD" in extra or str(bad) in extra:
         assert str(bad) in str(raised.value)
+
+
+def test_probe_samples_are_built_once(english_corpus, spec_file):
+    """validate_args builds the samples (checking the flags); the trainer's call gets that same list."""
+    from megatron_exact.training.arguments import parse_args, validate_args
+    from megatron_exact.training.eval_probe import build_probe_samples
+
+    args = parse_args(_flags(english_corpus, "--eval-probe", str(spec_file), "--eval-probe-samples", "1"))
+    arch, _, tokenizer = validate_args(args, world_size=1)
+    samples = build_probe_samples(args, tokenizer, arch.vocab_size)
+    assert samples and build_probe_samples(args, tokenizer, arch.vocab_size) is samples
+    args.eval_probe_seed += 1  # other inputs: built anew
+    assert build_probe_samples(args, tokenizer, arch.vocab_size) is not samples
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_probe_split_over_data_parallel_replicas_equals_one_replica(english_corpus, spec_file, size):
+    """Replica r scores samples[r::size]; gathered, the records are one replica's, in order (so the
+    logged cells equal the offline probe's whatever the data-parallel size)."""
+    import torch
+
+    from megatron_exact.eval.probe import summarize
+    from megatron_exact.training.arguments import parse_args, validate_args
+    from megatron_exact.training.eval_probe import build_probe_samples, run_probe
+
+    args = parse_args(_flags(english_corpus, "--eval-probe", str(spec_file), "--eval-probe-distances", "4", "64",
+                             "--eval-probe-samples", "3"))
+    arch, _, tokenizer = validate_args(args, world_size=1)
+    samples = build_probe_samples(args, tokenizer, arch.vocab_size)
+    table = torch.randn(arch.vocab_size, arch.vocab_size, generator=torch.Generator().manual_seed(0))
+
+    def logits_fn(tokens, last):  # a deterministic stand-in for the model
+        return (table[tokens[0, -last:]] + 1e-3 * tokens.shape[1]).unsqueeze(0)
+
+    alone = run_probe(samples, logits_fn)
+    for rank in range(size):
+        def all_gather(mine, rank=rank):
+            return [mine if other == rank else run_probe(samples[other::size], logits_fn) for other in range(size)]
+
+        assert len(run_probe(samples[rank::size], logits_fn)) < len(samples)
+        split = run_probe(samples, logits_fn, rank=rank, size=size, all_gather=all_gather)
+        assert split == alone and summarize(split) == summarize(alone)
