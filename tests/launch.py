@@ -90,6 +90,22 @@ def run_env() -> dict:
     return env
 
 
+# torchrun with its flags unchanged, through the project's launcher (what the examples run): network
+# errors named, a store of its own per restart round under c10d rendezvous (megatron_exact/launch.py).
+LAUNCHER = ("-m", "megatron_exact.launch")
+
+
+def is_agent(cmdline: list[str]) -> bool:
+    """Whether a process's command line is a torchrun agent's (ours or torchrun's own)."""
+    return bool({"torchrun", LAUNCHER[1], "torch.distributed.run"} & {os.path.basename(part) for part in cmdline})
+
+
+def agent_command(script, *flags: str, nproc: int = 1) -> list[str]:
+    """One torchrun agent of ``script`` with exactly ``flags`` (no rendezvous chosen for it): for jobs
+    that are meant not to form. No device check: such jobs start no worker."""
+    return [sys.executable, *LAUNCHER, f"--nproc-per-node={nproc}", *flags, str(script)]
+
+
 def torchrun_command(script, *args, nproc: int = 2, torchrun_flags: tuple = (), rendezvous: bool = False) -> list[str]:
     """``rendezvous``: the c10d rendezvous (a fresh round per restart, what --max-restarts
     needs) instead of a static master port. Skips the calling test when the test device
@@ -97,7 +113,7 @@ def torchrun_command(script, *args, nproc: int = 2, torchrun_flags: tuple = (), 
     require_devices(nproc)
     where = (["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"] if rendezvous
              else ["--master-addr=127.0.0.1", f"--master-port={free_port()}"])
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", *where, *torchrun_flags,
+    return [sys.executable, *LAUNCHER, f"--nproc-per-node={nproc}", *where, *torchrun_flags,
             str(script), *map(str, args)]
 
 
@@ -126,33 +142,45 @@ def node_commands(script, *args, nodes: int = 2, nproc: int = 1, rendezvous: boo
     for node_rank in range(nodes):
         where = (["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}"] if rendezvous
                  else [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"])
-        commands.append([sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}",
+        commands.append([sys.executable, *LAUNCHER, f"--nnodes={nodes}",
                          f"--nproc-per-node={nproc}", *where, *torchrun_flags, str(script), *map(str, args)])
     return commands
 
 
-def run_nodes(commands: list, timeout: float, env: dict | None = None) -> list[subprocess.CompletedProcess]:
-    """Run the agents of one job together, each as its own process tree (a session of its own, as
-    on separate machines), and wait for all of them; on ``timeout`` every tree is killed and the
-    test fails with each agent's output tail."""
+def start_nodes(commands: list, logs: list, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start the agents of one job, each as its own process tree (a session of its own, as on
+    separate machines), writing to the open files ``logs``; :func:`kill_nodes` ends them."""
+    env = run_env() if env is None else env
+    return [subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True) for command, log in zip(commands, logs)]
+
+
+def kill_nodes(agents: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """SIGKILL every agent's whole tree (its session) that still runs; returns those."""
     import signal
+
+    hung = [agent for agent in agents if agent.poll() is None]
+    for agent in hung:
+        os.killpg(agent.pid, signal.SIGKILL)
+    for agent in agents:
+        agent.wait()
+    return hung
+
+
+def run_nodes(commands: list, timeout: float, env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    """Run the agents of one job together (:func:`start_nodes`) and wait for all of them; on
+    ``timeout`` every tree is killed and the test fails with each agent's output tail."""
     import tempfile
     import time
 
-    env = run_env() if env is None else env
     logs = [tempfile.TemporaryFile("w+") for _ in commands]
-    agents = [subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True) for command, log in zip(commands, logs)]
+    agents = start_nodes(commands, logs, env)
     deadline = time.time() + timeout
     try:
         while any(agent.poll() is None for agent in agents) and time.time() < deadline:
             time.sleep(0.2)
     finally:
-        hung = [agent for agent in agents if agent.poll() is None]
-        for agent in hung:
-            os.killpg(agent.pid, signal.SIGKILL)  # the agent's whole tree: its session
-        for agent in agents:
-            agent.wait()
+        hung = kill_nodes(agents)
     outputs = []
     for log in logs:
         log.seek(0)

@@ -67,7 +67,7 @@ def test_every_job_and_device_choice_goes_through_the_launcher():
         if path.name in ("launch.py", Path(__file__).name):
             continue
         constants = _string_constants(path)
-        if "torch.distributed.run" in constants or any(c.startswith("--nproc-per-node") for c in constants):
+        if {"torch.distributed.run", "megatron_exact.launch"} & constants or any(c.startswith("--nproc-per-node") for c in constants):
             own_launchers.append(path.relative_to(TESTS))
         if "CUDA_VISIBLE_DEVICES" in constants and path.name != "test_cpu_backend.py":
             own_devices.append(path.relative_to(TESTS))

@@ -14,5 +14,7 @@ source "$HERE/pair_args.sh"
 pair_args "${1:?pair}" "${2:?uniform|exact}"
 
 if [ "${DRY_RUN:-0}" = 1 ]; then printf '%s\n' "${TRAIN_ARGS[@]}"; exit 0; fi
-exec torchrun --nproc-per-node "${GPUS:-8}" --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:0 \
+# python -m megatron_exact.launch: torchrun, flags unchanged (see megatron_exact/launch.py).
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" exec python -m megatron_exact.launch --nproc-per-node "${GPUS:-8}" \
+    --max-restarts 3 --rdzv-backend c10d --rdzv-endpoint localhost:0 \
     "$REPO/tools/pretrain_exact.py" "${TRAIN_ARGS[@]}"

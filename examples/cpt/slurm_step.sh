@@ -3,8 +3,13 @@
 #
 #   train_step <trainer flags...>     runs, and returns the status the job should exit with
 #
-# srun starts one torchrun agent per node; the agents rendezvous through the first node
-# (c10d). When SLURM signals the batch shell (#SBATCH --signal=B:USR1@<seconds>, or SIGTERM
+# srun starts one torchrun agent per node (python -m megatron_exact.launch: torchrun with
+# its flags unchanged, which names the endpoint and the timeout when the nodes cannot meet,
+# and gives every restart round a store of its own so that --max-restarts resumes across
+# nodes); the agents rendezvous through the first node (c10d). A node that cannot reach the
+# endpoint gives up after read_timeout, a rendezvous short of nodes after join_timeout
+# (RDZV_JOIN_TIMEOUT_S, default 600 s: the nodes of a large allocation start minutes apart;
+# the tests use 5 s). When SLURM signals the batch shell (#SBATCH --signal=B:USR1@<seconds>, or SIGTERM
 # on preemption), the trap sends SIGTERM to srun, which forwards it to every torchrun agent;
 # each agent sends SIGTERM to its workers and waits for them up to its shutdown grace
 # (SAVE_GRACE_S, default 300 s, given to torchrun as TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torchrun's
@@ -13,7 +18,8 @@
 # the batch script exits 0; the requeued job resumes from that checkpoint.
 #
 # Environment: SLURM_JOB_ID, SLURM_NNODES, SLURM_JOB_NODELIST (set by SLURM), GPUS (per
-# node, default 8), RDZV_PORT (default 29500), SAVE_GRACE_S, REPO (the repository).
+# node, default 8), RDZV_PORT (default 29500), RDZV_JOIN_TIMEOUT_S (default 600),
+# RDZV_READ_TIMEOUT_S (default 60), SAVE_GRACE_S, REPO (the repository).
 
 train_step() {
     local head_node
@@ -22,9 +28,11 @@ train_step() {
     TRAIN_STEP_SIGNALS=0
     trap '_train_step_preempted USR1' USR1
     trap '_train_step_preempted TERM' TERM
-    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SAVE_GRACE_S:-300}" srun --kill-on-bad-exit=1 torchrun \
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${SAVE_GRACE_S:-300}" PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" \
+        srun --kill-on-bad-exit=1 python -m megatron_exact.launch \
         --nnodes "$SLURM_NNODES" --nproc-per-node "${GPUS:-8}" \
         --rdzv-id "$SLURM_JOB_ID" --rdzv-backend c10d --rdzv-endpoint "$head_node:${RDZV_PORT:-29500}" \
+        --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT_S:-600},read_timeout=${RDZV_READ_TIMEOUT_S:-60}" \
         --max-restarts 3 \
         "$REPO/tools/pretrain_exact.py" "$@" &
     TRAIN_STEP_PID=$!

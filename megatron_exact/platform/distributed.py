@@ -62,20 +62,52 @@ def _init_process_group(timeout: datetime.timedelta) -> None:
                                              rank=rank, world_size=world_size, timeout=timeout)
         return
     # A launcher (torchrun, SLURM script) set the rendezvous.
+    check_restarts_can_meet()
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    if restart == 0:
+    if restart == 0 or not _store_outlives_restarts():
+        # First start, or (c10d through megatron_exact.launch) a store of this round's own, hosted by rank 0.
         torch.distributed.init_process_group(backend=distributed_backend(), init_method="env://",
                                              rank=rank, world_size=world_size, timeout=timeout)
         return
-    # torchrun keeps one TCPStore across worker restarts (--max-restarts): without a
-    # namespace of its own, the new generation reads the previous one's gloo peer
-    # addresses from it and fails to connect.
+    # torchrun kept its one store across the restart (--max-restarts): without a namespace
+    # of its own, the new generation reads the previous one's gloo peer addresses from it and
+    # fails to connect. The restart count names the generation consistently on one node only
+    # (check_restarts_can_meet refuses the rest).
     store, rank, world_size = next(torch.distributed.rendezvous("env://", rank=rank, world_size=world_size,
                                                                 timeout=timeout))
     torch.distributed.init_process_group(
         backend=distributed_backend(), store=torch.distributed.PrefixStore(f"restart_{restart}", store),
         rank=rank, world_size=world_size, timeout=timeout,
     )
+
+
+def _store_outlives_restarts() -> bool:
+    """Whether the workers use torchrun's agent store, which lives as long as the agents (every
+    restart round shares it): torchrun's default; ``megatron_exact.launch`` turns it off for c10d."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def check_restarts_can_meet() -> None:
+    """Refuse a launch whose restarted workers could not meet again.
+
+    torchrun numbers restarts per node (``TORCHELASTIC_RESTART_COUNT`` counts the failures of
+    the node's own workers; a node restarted because another one rejoined keeps its count), so
+    with one store kept across rounds the restarted workers of different nodes would look for
+    each other under different names and hang until the process-group timeout. A launch
+    through ``python -m megatron_exact.launch`` with c10d rendezvous gives every round a fresh
+    store instead (see that module).
+    """
+    from megatron_exact.errors import UserError
+
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if nodes > 1 and restarts > 0 and _store_outlives_restarts():
+        raise UserError(
+            f"--max-restarts {restarts} across {nodes} nodes: torchrun keeps one store for every restart "
+            "round and counts restarts per node, so the restarted workers would not find each other (a "
+            "hang until the process-group timeout); launch with `python -m megatron_exact.launch` (torchrun's "
+            "flags) and --rdzv-backend c10d, which gives every round its own store "
+            "(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)")
 
 
 def exit_with_launcher(poll_seconds: float = 1.0) -> bool:

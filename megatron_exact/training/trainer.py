@@ -167,7 +167,9 @@ class Trainer:
         self.iteration = 0
         self.consumed_train_samples = 0
         if args.save:
-            remove_stale_temporaries(args.save)
+            for removed in remove_stale_temporaries(args.save):  # rank 0 only
+                self._print(f"removed {removed} (what an interrupted save left; the tracker names the last "
+                            "complete checkpoint)")
         if args.load:
             loaded = load_checkpoint(
                 args.load, self.module, self.optimizer, self.scheduler,

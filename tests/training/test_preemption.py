@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from megatron_exact.checkpoint import TRACKER_FILENAME, checkpoint_dir, read_tracker
-from tests.launch import free_port
+from tests.launch import free_port, is_agent
 from tests.training.conftest import (REPO, SLURM_STEP, last_iteration, run_env, slurm_env, tiny_flags,
                                      torchrun_command, torchrun_workers, wait_for)
 
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow  # multi-process runs
 def _trainers(process: psutil.Process) -> list:
     """The training processes below ``process`` (not the torchrun agent, whose command names the script too)."""
     return [p for p in process.children(recursive=True)
-            if "pretrain_exact.py" in " ".join(p.cmdline()) and "torchrun" not in " ".join(p.cmdline())]
+            if "pretrain_exact.py" in " ".join(p.cmdline()) and not is_agent(p.cmdline())]
 
 
 def _gone(processes, timeout: float = 30) -> list:
