@@ -122,7 +122,7 @@ def test_nodes_that_disagree_on_nnodes_both_fail_naming_the_endpoint(failures):
         timed_out = f"join_timeout={TIMEOUT_S} s: not all --nnodes {nnodes} agents joined" in line
         refused = re.search(r"joined 2 agents started with different --nnodes \(node 0: --nnodes [23], node 1: "
                             r"--nnodes [23]\): start every node with the same --nnodes", line)
-        closed = f"another node's agent closed the rendezvous before this node's round completed" in line
+        closed = "another node's agent closed the rendezvous before this node's round completed" in line
         assert timed_out or refused or closed, line
     ports = {re.search(r"127\.0\.0\.1:(\d+)", _error_line(output)).group(1) for _, output, _ in failures["mismatch"]}
     assert len(ports) == 1  # the one endpoint both used
