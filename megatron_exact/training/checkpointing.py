@@ -404,9 +404,11 @@ OPTIMIZER_FLAG = {DISTRIBUTED: "with --use-distributed-optimizer", PLAIN_FP32: "
 
 
 def _saved_optimizer_kind(saved: dict) -> str:
+    """The kind from the checkpoint's common optimizer state: the plain bf16 optimizer nests torch's
+    state under "optimizer" (its fp32 copies are all tensors, so none of them is common state)."""
     if "param_state_sharding_type" in saved:
         return DISTRIBUTED
-    return PLAIN_BF16 if "fp32_from_fp16_params" in saved else PLAIN_FP32
+    return PLAIN_BF16 if "optimizer" in saved else PLAIN_FP32
 
 
 def _run_optimizer_kind(optimizer) -> str:

@@ -337,3 +337,34 @@ def test_optimizer_state_written_in_fp32_is_refused_under_bf16(dropout_runs, in_
     argv, _, root = dropout_runs
     with pytest.raises(OptimizerLayoutError, match=r"written without --bf16 and this run is with it.*--no-load-optim"):
         in_process_trainers(argv + ["--bf16", *optimizer])
+
+
+def test_bf16_resume_across_the_distributed_optimizer(byte_corpus, in_process_trainers, tmp_path, capsys):
+    """Under --bf16 both optimizers step fp32 main copies of the weights, kept under other names
+    (the plain one's ``fp32_param``, the distributed one's ``param``): a plain checkpoint resumes
+    with --use-distributed-optimizer, and that run's checkpoint resumes without it, each
+    continuing the uninterrupted plain run (6 steps)."""
+    import shutil
+
+    base = flags(byte_corpus, "--train-iters", "6", "--bf16", "--lr-warmup-iters", "0", "--save-interval", "2")
+    straight_ckpt, chain_ckpt = tmp_path / "straight", tmp_path / "chain"
+    train(in_process_trainers, base + ["--save", str(straight_ckpt), "--metrics-file", str(tmp_path / "straight.jsonl")])
+    straight = {r["iteration"]: r for r in training_lines(tmp_path / "straight.jsonl")}
+    shutil.copytree(straight_ckpt / "iter_0000002", chain_ckpt / "iter_0000002")
+    write_tracker_atomically(chain_ckpt, 2)
+    chain = ["--save", str(chain_ckpt), "--load", str(chain_ckpt)]
+    distributed = train(in_process_trainers, base + chain + ["--use-distributed-optimizer", "--exit-interval", "4",
+                                                             "--metrics-file", str(tmp_path / "distributed.jsonl")])
+    assert distributed.iteration == 4
+    assert ("optimizer state written without --use-distributed-optimizer (plain bf16 optimizer), resumed with "
+            "--use-distributed-optimizer (distributed optimizer)") in capsys.readouterr().out
+    train(in_process_trainers, base + chain + ["--metrics-file", str(tmp_path / "plain.jsonl")])
+    assert ("optimizer state written with --use-distributed-optimizer (distributed optimizer), resumed without "
+            "--use-distributed-optimizer (plain bf16 optimizer)") in capsys.readouterr().out
+    resumed = {r["iteration"]: r for name in ("distributed", "plain") for r in training_lines(tmp_path / f"{name}.jsonl")}
+    assert sorted(resumed) == [3, 4, 5, 6]
+    for iteration, line in resumed.items():
+        assert line["batch_sha1"] == straight[iteration]["batch_sha1"]
+        assert line["loss"] == pytest.approx(straight[iteration]["loss"], rel=1e-5), iteration
+        assert line["grad_norm"] == pytest.approx(straight[iteration]["grad_norm"], rel=1e-5), iteration
+    assert straight[6]["loss"] < straight[1]["loss"]
