@@ -93,3 +93,15 @@ def test_the_evaluation_probe_reads_the_spec_in_the_corpus_language(tmp_path):
     assert sample.question_start - end == 300 and len(sample.present) + 1 == 512
     assert all(w.startswith("w") for w in words[:start] + words[end:sample.question_start])
     assert sample.candidates[sample.answer_index] == sample.answer and set(sample.candidates) <= set(spec.answers)
+
+
+def test_the_probe_spec_filler_is_the_corpus_markov_chain(tmp_path):
+    from megatron_exact.eval.spec import load_spec
+
+    config = LanguageConfig(max_length=256)
+    corpus = build_corpus(str(tmp_path / "c"), config, 5, log=lambda m: None)
+    filler = load_spec(corpus.probe_spec).filler
+    language = SyntheticLanguage(config)
+    assert filler.type == "markov" and filler.jump_probability == config.jump_probability
+    assert [list(row) for row in filler.successors] == language.successor_table
+    assert list(filler.weights) == language.successor_probabilities
