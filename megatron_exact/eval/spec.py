@@ -13,7 +13,9 @@ A specification is a JSON file::
       "separator": " ",                                 # joins preamble, filler, fact and question
       "answer_separator": " ",                          # goes before a scored or generated answer
       "filler": {"type": "sentences", "sentences": [...]}
-             or {"type": "words", "words": [...], "sentence_length": [5, 12], "sentence_end": "."},
+             or {"type": "words", "words": [...], "sentence_length": [5, 12], "sentence_end": "."}
+             or {"type": "markov", "words": [...], "successors": [[3, 17, 5], ...], "weights": [4, 2, 1],
+                 "jump_probability": 0.05, "sentence_length": [8, 16], "sentence_end": ""},
       "variable_tracking": {                            # optional: the vt task in this language
         "variables": ["XKQJD", ...],
         "assign": "VAR {variable} = {value}.", "alias": "VAR {variable} = VAR {source}.",
@@ -24,6 +26,13 @@ A specification is a JSON file::
 The shipped default (:func:`default_spec`, ``megatron_exact/eval/data/natural_language_spec.json``)
 is English for real models. A synthetic corpus exports its own with :func:`write_spec`, so
 a tiny model trained on that corpus is probed in the language it learnt.
+
+A ``markov`` filler is a first-order chain over ``words``: ``successors[i]`` lists the
+indices of the words that may follow word ``i``, drawn with the relative ``weights``
+(one per successor), except that with ``jump_probability`` the next word is drawn uniformly;
+each sentence starts at a uniformly drawn word. It lets a probe's filler match a corpus
+whose filler is such a chain (the synthetic corpus's), so that the probe's filler is as
+predictable as the text the model was trained on.
 
 Filler never contains a key or an answer (checked when the specification is loaded): a
 model that finds the answer must have found it in the fact.
@@ -52,23 +61,37 @@ _VT_FIELDS = {"variables", "assign", "alias", "instruction", "question", "answer
 
 @dataclasses.dataclass(frozen=True)
 class Filler:
-    """Generates filler sentences: cycled from a list, or random words from a vocabulary."""
+    """Generates filler sentences: cycled from a list, random words from a vocabulary, or a Markov
+    chain over a vocabulary."""
 
     type: str
     sentences: tuple[str, ...] = ()
     words: tuple[str, ...] = ()
     sentence_length: tuple[int, int] = (5, 12)
     sentence_end: str = "."
+    successors: tuple[tuple[int, ...], ...] = ()  # markov: successor word indices of each word
+    weights: tuple[float, ...] = ()  # markov: relative probability of each successor slot
+    jump_probability: float = 0.0  # markov: chance that the next word is drawn uniformly instead
 
     def sentence(self, rng: random.Random) -> str:
         if self.type == "sentences":
             return rng.choice(self.sentences)
         length = rng.randint(*self.sentence_length)
-        return " ".join(rng.choice(self.words) for _ in range(length)) + self.sentence_end
+        if self.type == "words":
+            return " ".join(rng.choice(self.words) for _ in range(length)) + self.sentence_end
+        state = rng.randrange(len(self.words))
+        chosen = [state]
+        for _ in range(length - 1):
+            if rng.random() < self.jump_probability:
+                state = rng.randrange(len(self.words))
+            else:
+                state = rng.choices(self.successors[state], self.weights)[0]
+            chosen.append(state)
+        return " ".join(self.words[i] for i in chosen) + self.sentence_end
 
     def contains(self, word: str) -> bool:
         """Whether filler can contain ``word`` (a key or answer, possibly several words)."""
-        if self.type == "words":
+        if self.type in ("words", "markov"):
             return word in self.words
         pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
         return any(pattern.search(sentence) for sentence in self.sentences)
@@ -76,8 +99,12 @@ class Filler:
     def as_json(self) -> dict:
         if self.type == "sentences":
             return {"type": "sentences", "sentences": list(self.sentences)}
-        return {"type": "words", "words": list(self.words), "sentence_length": list(self.sentence_length),
-                "sentence_end": self.sentence_end}
+        record = {"type": self.type, "words": list(self.words), "sentence_length": list(self.sentence_length),
+                  "sentence_end": self.sentence_end}
+        if self.type == "markov":
+            record.update(successors=[list(row) for row in self.successors], weights=list(self.weights),
+                          jump_probability=self.jump_probability)
+        return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,16 +200,18 @@ def _check_placeholders(template: str, allowed: set[str], required: set[str], fi
 
 
 def _parse_filler(value, source: str) -> Filler:
-    if not isinstance(value, dict) or value.get("type") not in ("sentences", "words"):
-        raise _fail(source, "field 'filler' must be an object with type 'sentences' or 'words'")
+    if not isinstance(value, dict) or value.get("type") not in ("sentences", "words", "markov"):
+        raise _fail(source, "field 'filler' must be an object with type 'sentences', 'words' or 'markov'")
     if value["type"] == "sentences":
         unknown = set(value) - {"type", "sentences"}
         if unknown:
             raise _fail(source, f"filler of type 'sentences' has unknown field(s) {sorted(unknown)}")
         return Filler("sentences", sentences=_string_list(value, "sentences", f"{source} (filler)"))
-    unknown = set(value) - {"type", "words", "sentence_length", "sentence_end"}
+    kind = value["type"]
+    chain_fields = {"successors", "weights", "jump_probability"} if kind == "markov" else set()
+    unknown = set(value) - {"type", "words", "sentence_length", "sentence_end"} - chain_fields
     if unknown:
-        raise _fail(source, f"filler of type 'words' has unknown field(s) {sorted(unknown)}")
+        raise _fail(source, f"filler of type {kind!r} has unknown field(s) {sorted(unknown)}")
     length = value.get("sentence_length", [5, 12])
     if (not isinstance(length, list) or len(length) != 2 or not all(isinstance(n, int) for n in length)
             or not 1 <= length[0] <= length[1]):
@@ -190,8 +219,33 @@ def _parse_filler(value, source: str) -> Filler:
     end = value.get("sentence_end", ".")
     if not isinstance(end, str):
         raise _fail(source, "filler 'sentence_end' must be a string")
-    return Filler("words", words=_string_list(value, "words", f"{source} (filler)", minimum=2),
-                  sentence_length=(length[0], length[1]), sentence_end=end)
+    words = _string_list(value, "words", f"{source} (filler)", minimum=2)
+    if kind == "words":
+        return Filler("words", words=words, sentence_length=(length[0], length[1]), sentence_end=end)
+    return Filler("markov", words=words, sentence_length=(length[0], length[1]), sentence_end=end,
+                  **_parse_chain(value, len(words), source))
+
+
+def _parse_chain(value: dict, num_words: int, source: str) -> dict:
+    """The chain fields of a ``markov`` filler, checked: every row names valid word indices, one
+    weight per successor slot, and a jump probability in [0, 1]."""
+    weights = value.get("weights")
+    if (not isinstance(weights, list) or not weights or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                                and w >= 0 for w in weights) or sum(weights) <= 0):
+        raise _fail(source, "markov filler 'weights' must be a non-empty list of non-negative numbers, not all 0")
+    rows = value.get("successors")
+    if not isinstance(rows, list) or len(rows) != num_words:
+        raise _fail(source, f"markov filler 'successors' must be a list with one row per word ({num_words})")
+    for i, row in enumerate(rows):
+        if (not isinstance(row, list) or len(row) != len(weights)
+                or not all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < num_words for j in row)):
+            raise _fail(source, f"markov filler 'successors'[{i}] must list {len(weights)} word indices "
+                                f"in [0, {num_words})")
+    jump = value.get("jump_probability", 0.0)
+    if isinstance(jump, bool) or not isinstance(jump, (int, float)) or not 0.0 <= jump <= 1.0:
+        raise _fail(source, "markov filler 'jump_probability' must be a number in [0, 1]")
+    return {"successors": tuple(tuple(row) for row in rows), "weights": tuple(float(w) for w in weights),
+            "jump_probability": float(jump)}
 
 
 def _parse_variable_tracking(value, source: str) -> VariableTracking:

@@ -25,7 +25,7 @@ from megatron_exact.synthetic.language import (EOD_TOKEN, KEY_MARK, PAD_TOKEN, Q
                                                SyntheticLanguage)
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: the probe spec uses the corpus's Markov filler
 DATA_NAME = "corpus"
 
 
@@ -59,8 +59,8 @@ def build_tokenizer_dir(language: SyntheticLanguage, out_dir: str) -> None:
 def probe_spec(language: SyntheticLanguage) -> dict:
     """The distance-probe task specification of the language, in the evaluation's specification format.
 
-    The specification's ``words`` filler draws filler words uniformly; the corpus's filler is a
-    Markov chain over the same words (locally more predictable, same vocabulary).
+    The specification's filler is the corpus's own Markov chain (``markov`` filler: the same
+    successor table, weights and jump probability), so probe prompts read like training text.
     """
     return {
         "format": "megatron_exact.probe_spec",
@@ -75,8 +75,10 @@ def probe_spec(language: SyntheticLanguage) -> dict:
         "answers": list(language.values),
         "separator": " ",
         "answer_separator": " ",
-        "filler": {"type": "words", "words": list(language.filler_words), "sentence_length": [8, 16],
-                   "sentence_end": ""},
+        "filler": {"type": "markov", "words": list(language.filler_words), "sentence_length": [8, 16],
+                   "sentence_end": "", "successors": [list(row) for row in language.successor_table],
+                   "weights": list(language.successor_probabilities),
+                   "jump_probability": language.config.jump_probability},
     }
 
 

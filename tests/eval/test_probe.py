@@ -2,6 +2,7 @@
 against transformers' own loss, determinism, the mirror sweep, and task-specification errors."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -176,3 +177,45 @@ def test_spec_that_is_not_json_names_the_line(tmp_path):
         load_spec(path)
     with pytest.raises(BadInputError, match="no such file"):
         load_spec(tmp_path / "missing.json")
+
+
+def _markov_record(**filler_changes):
+    words = [f"w{i}" for i in range(6)]
+    filler = {"type": "markov", "words": words, "sentence_length": [20, 20], "sentence_end": "",
+              "successors": [[(i + 1) % 6, (i + 2) % 6] for i in range(6)], "weights": [3, 1],
+              "jump_probability": 0.0}
+    filler.update(filler_changes)
+    return {"format": "megatron_exact.probe_spec", "version": 1, "name": "chain", "fact": "K {key} {answer}",
+            "question": "Q {key}", "keys": ["k0", "k1"], "answers": ["v0", "v1"], "filler": filler}
+
+
+def test_markov_filler_follows_its_chain_and_round_trips(tmp_path):
+    """A 'markov' filler walks its successor table (the synthetic corpus's filler); specs written
+    before it existed ('words', 'sentences') still load unchanged."""
+    spec = parse_spec(_markov_record(), "chain")
+    assert load_spec(write_spec(tmp_path / "chain.json", spec)).as_json() == spec.as_json()
+    rng = random.Random(0)
+    for _ in range(20):
+        indices = [int(w[1:]) for w in spec.filler.sentence(rng).split()]
+        assert len(indices) == 20
+        assert all(b - a in (1, 2, -5, -4) for a, b in zip(indices, indices[1:]))
+    # jump_probability 1: every step is a uniform draw, so non-successors occur.
+    jumping = parse_spec(_markov_record(jump_probability=1.0), "chain").filler
+    steps = [(int(a[1:]), int(b[1:])) for s in (jumping.sentence(rng) for _ in range(20))
+             for a, b in zip(s.split(), s.split()[1:])]
+    assert any((b - a) % 6 not in (1, 2) for a, b in steps)
+    old = parse_spec({**_markov_record(), "filler": {"type": "words", "words": ["w0", "w1"]}}, "old")
+    assert old.filler.as_json() == {"type": "words", "words": ["w0", "w1"], "sentence_length": [5, 12],
+                                    "sentence_end": "."}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"successors": [[1, 2]] * 5}, "one row per word"),
+    ({"successors": [[1, 9]] * 6}, r"'successors'\[0\] must list 2 word indices"),
+    ({"weights": []}, "'weights' must be a non-empty list"),
+    ({"jump_probability": 2}, r"'jump_probability' must be a number in \[0, 1\]"),
+    ({"order": 2}, r"filler of type 'markov' has unknown field\(s\) \['order'\]"),
+])
+def test_malformed_markov_filler_names_the_field(change, message):
+    with pytest.raises(BadInputError, match=message):
+        parse_spec(_markov_record(**change), "chain")
