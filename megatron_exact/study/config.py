@@ -70,6 +70,13 @@ class Evaluation:
     probe_samples: int = 256
     probe_seed: int = 0
     export_dtype: Optional[str] = None
+    # RULER-style tasks in the corpus's own language (those its task specification expresses; none: off),
+    # greedy generation at each length (default: the probe's lengths, trained and extrapolated).
+    ruler_tasks: Optional[List[str]] = None
+    ruler_lengths: List[int] = field(default_factory=list)
+    ruler_samples: int = 50
+    ruler_seed: int = 0
+    ruler_max_new_tokens: int = 4
 
 
 @dataclass
@@ -317,6 +324,24 @@ def study_config_from_dict(raw: dict, source: str = "<dict>") -> StudyConfig:
                                     f"tokens (at most {length - 6})")
         evaluation = Evaluation(lengths, distances, int(probe.pop("samples", 256)), int(probe.pop("seed", 0)),
                                 ev.pop("export_dtype", None))
+        ruler = ev.pop("ruler", {})
+        if ruler is not None:  # ruler: null turns the tasks off
+            ruler = dict(ruler)
+            tasks = ruler.pop("tasks", None)
+            evaluation.ruler_tasks = None if tasks is None else [str(t) for t in tasks]
+            evaluation.ruler_lengths = [int(x) for x in ruler.pop("lengths", lengths)]
+            for name in ("samples", "seed", "max_new_tokens"):
+                setattr(evaluation, f"ruler_{name}", int(ruler.pop(name, getattr(evaluation, f"ruler_{name}"))))
+            from megatron_exact.eval.ruler import SPEC_TASKS
+
+            unknown = sorted(set(evaluation.ruler_tasks or []) - set(SPEC_TASKS))
+            if unknown:
+                raise _fail(source, f"evaluation.ruler.tasks: {unknown} cannot be written in a task specification's "
+                                    f"language (choose from {SPEC_TASKS})")
+            if ruler:
+                raise _fail(source, f"evaluation.ruler: unknown setting(s) {sorted(ruler)}")
+        else:
+            evaluation.ruler_tasks = []
         if probe or ev:
             raise _fail(source, f"evaluation: unknown setting(s) {sorted(probe) + sorted(ev)}")
         if synthetic is None:

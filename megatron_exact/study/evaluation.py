@@ -1,12 +1,15 @@
-"""Evaluating a study's final checkpoints: HF export, the distance probe, validation loss per bucket.
+"""Evaluating a study's final checkpoints: HF export, the distance probe, RULER-style tasks, loss per bucket.
 
 :func:`evaluate_run` is the one place the study calls the evaluation suite
 (``megatron_exact.eval``): the run's last checkpoint is exported with
 ``export-hf`` (tokenizer included), the distance-resolved probe of the suite
 runs on it with the corpus's task specification (the fact at each distance
 in the specification's filler, accuracy and margin with the fact present and
-ablated, per distance cell), and the last validation record of the run's
-metrics file gives the unweighted loss per effective-context bucket.
+ablated, per distance cell), so do the RULER-style tasks the specification
+expresses (key-value retrieval; variable tracking when it has that section;
+greedy generation at the trained and an extrapolated length, RULER's
+string-match score per task and length), and the last validation record of
+the run's metrics file gives the unweighted loss per effective-context bucket.
 """
 
 from __future__ import annotations
@@ -62,6 +65,38 @@ def probe(hf_dir: str, spec_path: str, evaluation: Evaluation,
     return cells
 
 
+def ruler(hf_dir: str, spec_path: str, evaluation: Evaluation,
+          progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """The suite's RULER-style tasks written in the corpus's language (``megatron_exact.eval.ruler``
+    with the task specification: key-value retrieval in filler and among other facts, variable
+    tracking when the specification has it), greedy generation at every RULER length: one cell per
+    (task, length) with ``n`` and ``score`` (RULER's string-match score, 0-1)."""
+    from megatron_exact.eval import ruler as ruler_tasks
+    from megatron_exact.eval.backend import HFModel
+    from megatron_exact.eval.spec import load_spec
+    from megatron_exact.eval.suites import generate_and_score, ruler_samples
+
+    spec = load_spec(spec_path)
+    tasks = evaluation.ruler_tasks
+    if tasks is None:  # every task the specification expresses
+        tasks = [t for t in ruler_tasks.SPEC_TASKS if t != "vt" or spec.variable_tracking is not None]
+    if not tasks or not evaluation.ruler_lengths:
+        return []
+    model = HFModel(hf_dir, dtype="float32")
+    samples = ruler_samples(model, tasks, evaluation.ruler_lengths, num_samples=evaluation.ruler_samples,
+                            seed=evaluation.ruler_seed, spec=spec, haystack_text=None,
+                            max_new_tokens=evaluation.ruler_max_new_tokens)
+    records = generate_and_score(model, samples, batch_size=8)
+    cells = []
+    for task in tasks:
+        for length in evaluation.ruler_lengths:
+            scores = [r["score"] for r in records if r["task"] == task and r["length"] == length]
+            cells.append({"task": task, "length": length, "n": len(scores), "score": sum(scores) / len(scores)})
+            if progress:
+                progress(f"ruler {task} length {length}: score {cells[-1]['score']:.3f}")
+    return cells
+
+
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -99,5 +134,6 @@ def evaluate_run(run_dir: str, checkpoints: str, metrics_file: str, *, tokenizer
     result = {"settings": settings, "exported_from": stamp, "validation": last_validation(metrics_file)}
     if evaluation is not None and probe_spec is not None:
         result["probe"] = probe(hf_dir, probe_spec, evaluation, progress=log)
+        result["ruler"] = ruler(hf_dir, probe_spec, evaluation, progress=log)
     atomic_io.write_json(path, result)
     return result

@@ -1,7 +1,7 @@
 """One report for a study: per arm mean and 95% interval across seeds, paired deltas against uniform.
 
 Input: one :class:`RunResult` per CPT run (arm, seed, the per-iteration batch
-hashes of its metrics file, its validation record and probe cells). Output
+hashes of its metrics file, its validation record, probe and RULER-style cells). Output
 in one directory: ``report.json`` (every number, per-seed values included),
 ``report.md`` (tables and a summary saying plainly which differences are and
 are not distinguishable from zero at this number of seeds), and plots
@@ -31,6 +31,7 @@ class RunResult:
     validation: Optional[dict]
     probe: List[dict] = field(default_factory=list)
     data_arm: bool = False
+    ruler: List[dict] = field(default_factory=list)  # per (task, length): n, score
 
 
 def read_run_result(run_dir: str, arm: str, seed: int, data_arm: bool = False) -> RunResult:
@@ -45,14 +46,15 @@ def read_run_result(run_dir: str, arm: str, seed: int, data_arm: bool = False) -
                 validation = record
             elif "batch_sha1" in record:
                 hashes.append(record["batch_sha1"])
-    probe = []
+    probe, ruler = [], []
     eval_path = os.path.join(run_dir, "eval.json")
     if os.path.exists(eval_path):
         with open(eval_path) as f:
             evaluated = json.load(f)
         probe = evaluated.get("probe") or []
+        ruler = evaluated.get("ruler") or []
         validation = evaluated.get("validation") or validation
-    return RunResult(arm, seed, hashes, validation, probe, data_arm)
+    return RunResult(arm, seed, hashes, validation, probe, data_arm, ruler)
 
 
 def _metrics(result: RunResult) -> Dict[str, float]:
@@ -68,6 +70,8 @@ def _metrics(result: RunResult) -> Dict[str, float]:
         values[f"probe_accuracy@{where}"] = cell["accuracy_present"]
         values[f"probe_margin@{where}"] = cell["margin_present"]
         values[f"probe_accuracy_ablated@{where}"] = cell["accuracy_ablated"]
+    for cell in result.ruler:
+        values[f"ruler_score@{cell['task']}/L{cell['length']}"] = cell["score"]
     return values
 
 
@@ -149,6 +153,11 @@ def _probe_cells(summary: dict) -> List[tuple]:
     return sorted(set(cells))
 
 
+def _ruler_cells(summary: dict) -> List[str]:
+    return sorted((n for n in summary["metrics"] if n.startswith("ruler_score@")),
+                  key=lambda n: (n.split("@")[1].split("/L")[0], int(n.split("/L")[1])))
+
+
 def _buckets(summary: dict) -> List[int]:
     return sorted(int(n.split("@")[1]) for n in summary["metrics"] if n.startswith("valid_loss@"))
 
@@ -181,7 +190,8 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
 
     # Summary in words.
     lines += ["## Summary", ""]
-    key_metrics = ["valid_loss"] + [f"probe_accuracy@L{L}/d{d}" for L, d in _probe_cells(summary)]
+    key_metrics = (["valid_loss"] + [f"probe_accuracy@L{L}/d{d}" for L, d in _probe_cells(summary)]
+                   + _ruler_cells(summary))
     for arm in others:
         clear, unclear = [], []
         for name in key_metrics + [f"valid_loss@{b}" for b in _buckets(summary)]:
@@ -222,6 +232,18 @@ def markdown(summary: dict, title: str, notes: Sequence[str] = ()) -> str:
             row += [_fmt(entry["deltas"].get(a), 2, signed=True) for a in others]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    ruler = _ruler_cells(summary)
+    if ruler:
+        lines += ["## RULER-style tasks in the corpus's language (string-match score, greedy generation)", "",
+                  "| task | length | " + " | ".join(arms) + " | " + " | ".join(f"{a} − {BASELINE}" for a in others)
+                  + " |", "|---|---|" + "---|" * (len(arms) + len(others))]
+        for name in ruler:
+            task, length = name.split("@")[1].split("/L")
+            entry = metrics[name]
+            row = [task, length] + [_fmt(entry["arms"].get(a)) for a in arms]
+            row += [_fmt(entry["deltas"].get(a), signed=True) for a in others]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
     buckets = _buckets(summary)
     if buckets:
         lines += ["## Validation loss (unweighted cross-entropy) per effective-context bucket", "",
@@ -247,6 +269,9 @@ def _label(name: str) -> str:
     if name.startswith("probe_accuracy@"):
         length, distance = name.split("@")[1].split("/")
         return f"probe accuracy at distance {distance[1:]} (length {length[1:]})"
+    if name.startswith("ruler_score@"):
+        task, length = name.split("@")[1].split("/L")
+        return f"RULER-style {task} score (length {length})"
     return name
 
 

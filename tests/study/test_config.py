@@ -34,6 +34,16 @@ def test_shipped_studies_parse():
         assert "uniform" in study.arms and "exact" in study.arms
 
 
+def test_ruler_tasks_default_to_the_probe_lengths_and_can_be_turned_off():
+    evaluation = config().evaluation
+    assert evaluation.ruler_tasks is None  # every task the corpus's specification expresses
+    assert evaluation.ruler_lengths == evaluation.probe_lengths  # the trained and an extrapolated length
+    chosen = config(evaluation={"probe": {"distances": [16]},
+                                "ruler": {"tasks": ["niah_multikey_2"], "lengths": [256], "samples": 3}}).evaluation
+    assert (chosen.ruler_tasks, chosen.ruler_lengths, chosen.ruler_samples) == (["niah_multikey_2"], [256], 3)
+    assert config(evaluation={"probe": {"distances": [16]}, "ruler": None}).evaluation.ruler_tasks == []
+
+
 def test_arms_of_a_seed_differ_only_in_loss_options():
     study = config(ablations={"base": "exact", "grid": {"alpha": [0.15, 0.5], "document_masking": [True, False]}})
     data = StudyData(["/data/corpus_text_document"], vocab_size=165)
@@ -73,6 +83,9 @@ def test_start_checkpoint_instead_of_a_short_stage():
     ({"cpt": {"seq-length": 512, "train-iters": 10, "lr": 1e-3, "save": "/x"}}, "--save is set by the study"),
     ({"seeds": [1, 1]}, "distinct integers"),
     ({"evaluation": {"probe": {"lengths": [512], "distances": [600]}}}, r"distance\(s\) \[600\] do not fit"),
+    ({"evaluation": {"probe": {"distances": [16]}, "ruler": {"tasks": ["cwe"]}}},
+     r"evaluation.ruler.tasks: \['cwe'\] cannot be written in a task specification"),
+    ({"evaluation": {"probe": {"distances": [16]}, "ruler": {"depth": 3}}}, r"evaluation.ruler: unknown setting"),
     ({"ablations": {"grid": {"alpha": [0.3], "lr": [1]}}}, "ablations.grid.lr is not a loss option"),
     ({"data_arms": {"long": {"length_edges": [0, 256], "upsample": [1]}}}, "1 upsample factor"),
     ({"launch": {"mode": "k8s"}}, "launch.mode must be one of"),

@@ -31,7 +31,8 @@ def _write_run(directory, seed, loss, near, far, hashes):
     cells = [{"sweep": "distance", "length": 512, "distance": d, "n": 100, "accuracy_present": acc,
               "margin_present": 2.0 * acc, "accuracy_ablated": 0.06, "margin_ablated": -1.0}
              for d, acc in ((16, near), (448, far))]
-    (directory / "eval.json").write_text(json.dumps({"validation": None, "probe": cells}))
+    ruler = [{"task": "niah_multikey_2", "length": 1024, "n": 50, "score": far - 0.1}]
+    (directory / "eval.json").write_text(json.dumps({"validation": None, "probe": cells, "ruler": ruler}))
 
 
 @pytest.fixture
@@ -82,6 +83,13 @@ def test_report_numbers_from_recorded_metrics(recorded, tmp_path):
     assert "probe accuracy at distance 448" in clear and "probe accuracy at distance 16 " in unclear
     assert "identical tokens and labels" in text and "differ from the loss arms' by design" in text
     assert f"| 512 | 448 | {mean:.3f} ± {half:.3f} |" in text
+    # RULER-style task cells: the same per-arm and paired intervals, their own table.
+    ruler = metrics["ruler_score@niah_multikey_2/L1024"]
+    assert ruler["arms"]["uniform"]["mean"] == pytest.approx(mean - 0.1)
+    assert ruler["deltas"]["exact"]["mean"] == pytest.approx(0.03)
+    assert ruler["deltas"]["exact"]["half_width"] == pytest.approx(T_975_2 * 0.01 / math.sqrt(3))
+    assert "RULER-style niah_multikey_2 score (length 1024)" in clear
+    assert f"| niah_multikey_2 | 1024 | {mean - 0.1:.3f} ± {half:.3f} |" in text
     for name in ("probe_accuracy.png", "valid_loss_buckets.png", "report.json"):
         assert (tmp_path / "report" / name).stat().st_size > 1000
 

@@ -36,6 +36,7 @@ def reduced_quickstart(tmp_path) -> str:
     raw["cpt"].update(small, **{"seq-length": 128, "train-iters": 3})
     raw["data_arms"] = {"long-upsampled": {"length_edges": [0, 128], "upsample": [1, 4]}}
     raw["evaluation"]["probe"] = {"lengths": [128], "distances": [4, 64, 120], "samples": 8}
+    raw["evaluation"]["ruler"] = {"lengths": [128, 256], "samples": 4}  # trained and extrapolated
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -74,6 +75,10 @@ def test_reduced_quickstart_end_to_end_and_resume(tmp_path, monkeypatch, capsys)
     assert "probe_accuracy@L128/d64" in summary["metrics"]
     cell = json.load(open(os.path.join(exact, "eval.json")))["probe"][0]
     assert cell["n"] == 8 and 0.0 <= cell["accuracy_present"] <= 1.0
+    ruler = json.load(open(os.path.join(exact, "eval.json")))["ruler"]
+    assert [(c["task"], c["length"], c["n"]) for c in ruler] == [
+        (task, length, 4) for task in ("niah_single_1", "niah_multikey_2") for length in (128, 256)]
+    assert "ruler_score@niah_multikey_2/L256" in summary["metrics"] and "## RULER-style tasks" in printed
 
     # Half-finished study: one arm lost. Only that run is redone; the others are untouched.
     untouched = {name: os.path.getmtime(os.path.join(r.save, "latest_checkpointed_iteration.txt"))
