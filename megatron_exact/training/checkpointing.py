@@ -526,9 +526,9 @@ def _plan_optimizer_change(directory: Path, common: dict, optimizer, request: di
     """``(saved kind, this run's kind)`` when they differ, with ``request`` (this run's optimizer
     request) retargeted at the checkpoint's main parameters; None when they are the same.
     Refuses, naming the flags, what cannot be carried over."""
-    saved = common["optimizer"]
+    saved = common.get("optimizer")
     if not isinstance(saved, dict) or "optimizer" not in saved and "state" not in saved:
-        return None  # a chain of several optimizers: each loads its own part as saved
+        return None  # none saved, or a chain of several optimizers: each loads its own part as saved
     if _single_inner_optimizer(optimizer) is None:
         return None
     saved_kind, run_kind = _saved_optimizer_kind(saved), _run_optimizer_kind(optimizer)
