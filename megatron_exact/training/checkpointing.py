@@ -526,17 +526,21 @@ def _plan_optimizer_change(directory: Path, common: dict, optimizer, request: di
     """``(saved kind, this run's kind)`` when they differ, with ``request`` (this run's optimizer
     request) retargeted at the checkpoint's main parameters; None when they are the same.
     Refuses, naming the flags, what cannot be carried over."""
-    saved = common["optimizer"]
+    saved = common.get("optimizer")
     if not isinstance(saved, dict) or "optimizer" not in saved and "state" not in saved:
-        return None  # a chain of several optimizers: each loads its own part as saved
+        return None  # none saved, or a chain of several optimizers: each loads its own part as saved
     if _single_inner_optimizer(optimizer) is None:
         return None
     saved_kind, run_kind = _saved_optimizer_kind(saved), _run_optimizer_kind(optimizer)
     if saved_kind == run_kind:
         return None
-    run_bf16 = run_kind == PLAIN_BF16 or (run_kind == DISTRIBUTED and _single_inner_optimizer(optimizer).config.bf16)
-    if (saved_kind == PLAIN_FP32 and run_bf16) or (saved_kind == PLAIN_BF16 and not run_bf16):
-        written, now = ("without", "with") if saved_kind == PLAIN_FP32 else ("with", "without")
+    # The fp32 main weights move between the kinds only at the same precision: the fp32 plain
+    # optimizer keeps none (a bf16 run would step bf16-rounded weights), and an fp32 run from a
+    # bf16 checkpoint would drop them for the bf16 weights.
+    run_bf16 = bool(_single_inner_optimizer(optimizer).config.bf16)
+    saved_bf16 = {PLAIN_BF16: True, PLAIN_FP32: False}.get(saved_kind, bool((common.get("args") or {}).get("bf16")))
+    if saved_bf16 != run_bf16:
+        written, now = ("with", "without") if saved_bf16 else ("without", "with")
         raise OptimizerLayoutError(
             f"--load {directory}: the optimizer state was written {written} --bf16 and this run is {now} it: "
             f"the fp32 main weights Adam steps are not in the checkpoint in the form this run keeps them. Resume "

@@ -368,3 +368,9 @@ def test_bf16_resume_across_the_distributed_optimizer(byte_corpus, in_process_tr
         assert line["loss"] == pytest.approx(straight[iteration]["loss"], rel=1e-5), iteration
         assert line["grad_norm"] == pytest.approx(straight[iteration]["grad_norm"], rel=1e-5), iteration
     assert straight[6]["loss"] < straight[1]["loss"]
+    # The distributed bf16 checkpoint (iteration 4) under an fp32 plain run would lose its fp32 main weights.
+    from megatron_exact.training.checkpointing import OptimizerLayoutError
+
+    write_tracker_atomically(chain_ckpt, 4)
+    with pytest.raises(OptimizerLayoutError, match=r"written with --bf16 and this run is without it.*--no-load-optim"):
+        in_process_trainers([a for a in base if a != "--bf16"] + chain)
