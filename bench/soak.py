@@ -130,7 +130,7 @@ class JobResult:
     def rss_by_rank(self) -> dict:
         peak = {}
         for process in self.processes:
-            for _, rss in process.samples:
+            for _, rss in process.samples:  # the peak: every sample, whatever the iteration
                 peak[process.rank] = max(peak.get(process.rank, 0), rss)
         return peak
 
@@ -230,18 +230,19 @@ def checkpoint_tensors(directory: Path) -> dict:
 
 
 def rss_growth(process: Process, rss_from: int, last: int) -> "float | None":
-    """RSS at the process's last sampled iteration before ``last`` over its RSS at its first sample at or
-    after ``rss_from`` iterations into its own life; None if it did not live that long."""
-    if not process.samples:
+    """RSS at the process's last sampled iteration before ``last`` over its RSS at its first sample
+    ``rss_from`` iterations into its own life; None if it did not live past that."""
+    samples = [(it, rss) for it, rss in process.samples if rss > 0]  # 0: read as the process died
+    if not samples:
         return None
     # Until a restarted process has loaded its checkpoint, the metrics file still shows where the
     # killed generation got to: its life starts at the lowest iteration it saw.
-    first_iteration = min(it for it, _ in process.samples)
-    base = next((rss for it, rss in process.samples if it >= first_iteration + rss_from), None)
-    end = [rss for it, rss in process.samples if first_iteration + rss_from < it < last]
-    if base is None or not end:
+    first_iteration = min(it for it, _ in samples)
+    base = next(((it, rss) for it, rss in samples if it >= first_iteration + rss_from), None)
+    if base is None:
         return None
-    return end[-1] / base - 1.0
+    end = [rss for it, rss in samples if base[0] < it < last]
+    return end[-1] / base[1] - 1.0 if end else None
 
 
 def soak(root: Path, data_prefix: str, iters: int = 300, save_interval: int = 20, kills: int = 3, seed: int = 0,

@@ -14,8 +14,6 @@ import pytest
 from tests.launch import REPO, node_commands, run_env
 from tests.training.conftest import PRETRAIN
 
-pytestmark = pytest.mark.slow  # multi-process runs
-
 
 def _soak_module():
     if "bench_soak" not in sys.modules:
@@ -31,6 +29,7 @@ def _commands(flags, max_restarts):
                          torchrun_flags=(f"--max-restarts={max_restarts}", "--rdzv-conf=join_timeout=60"))
 
 
+@pytest.mark.slow  # multi-process runs
 def test_a_short_soak_with_a_kill_matches_the_uninterrupted_job(byte_corpus, tmp_path):
     soak = _soak_module()
     summary = soak.soak(tmp_path, byte_corpus, iters=24, save_interval=8, kills=1, seed=0, rss_from=8,
@@ -49,3 +48,14 @@ def test_the_kill_plan_is_fixed_by_the_seed_and_spread_over_the_run():
     iterations = [k.iteration for k in plan]
     assert iterations == sorted(iterations) and 25 <= iterations[0] and iterations[-1] < 300 - 20
     assert all(b - a > 20 for a, b in zip(iterations, iterations[1:]))  # one generation each
+
+
+def test_rss_growth_is_measured_over_each_process_own_life():
+    soak = _soak_module()
+    first = soak.Process(1, 0, [(0, 100), (50, 200), (120, 210), (299, 204), (300, 300), (300, 0)])
+    assert soak.rss_growth(first, 50, 300) == pytest.approx(0.02)  # 204 at 299 over 200 at 50
+    restarted = soak.Process(2, 1, [(130, 90), (120, 100), (170, 200), (250, 190)])  # 130: the killed run's line
+    assert soak.rss_growth(restarted, 50, 300) == pytest.approx(-0.05)
+    short = soak.Process(3, 1, [(240, 100), (290, 200), (299, 201)])
+    assert soak.rss_growth(short, 50, 300) == pytest.approx(0.005)
+    assert soak.rss_growth(soak.Process(4, 0, [(240, 100), (280, 120)]), 50, 300) is None  # not 50 in
