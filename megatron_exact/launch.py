@@ -68,7 +68,9 @@ class Rendezvous:
         for item in filter(None, (args.rdzv_conf or "").split(",")):
             key, _, value = item.partition("=")
             conf[key.strip()] = value.strip()
-        if args.standalone:
+        if args.standalone or (args.rdzv_backend == "static" and not args.rdzv_endpoint and args.master_port is None
+                               and str(args.nnodes).split(":")[-1] == "1"):
+            # What torchrun's run() turns these into: one node behind a private c10d endpoint.
             return cls("c10d", "localhost:0", args.nnodes, args.max_restarts, conf)
         if args.rdzv_backend == "static":
             endpoint = args.rdzv_endpoint or f"{args.master_addr}:{args.master_port or 29500}"

@@ -165,3 +165,18 @@ def test_workers_refuse_restarts_across_nodes_on_a_store_kept_across_rounds(monk
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: its restart count names the round
     check_restarts_can_meet()
+
+
+def test_the_launcher_reads_the_rendezvous_as_torchrun_resolves_it():
+    from torch.distributed import run as torchrun
+
+    def of(*flags):
+        return launch.Rendezvous.of(torchrun.parse_args([*flags, "worker.py"]))
+
+    assert (of().backend, of().endpoint) == ("c10d", "localhost:0")  # torchrun's own choice for one node
+    static = of("--nnodes=2", "--master-addr=10.0.0.1", "--master-port=6000", "--rdzv-conf=timeout=30")
+    assert (static.backend, static.endpoint, static.max_nodes, static.describe_wait()) == (
+        "static", "10.0.0.1:6000", 2, "--rdzv-conf timeout=30 s")
+    c10d = of("--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:29500", "--max-restarts=3")
+    assert (c10d.endpoint, c10d.max_nodes, c10d.max_restarts, c10d.describe_wait()) == (
+        "node001:29500", 4, 3, "--rdzv-conf join_timeout=600 s")
