@@ -96,7 +96,8 @@ def _node_of(job: Job, process: psutil.Process) -> int:
 def test_one_node_killed_mid_step_then_during_a_save_resumes_on_both_nodes(byte_corpus, tmp_path):
     metrics, ckpt = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
     flags = tiny_flags(byte_corpus, "--train-iters", str(ITERS), "--eval-iters", "0", "--metrics-file", str(metrics),
-                       "--save", str(ckpt), "--load", str(ckpt), "--save-interval", str(SAVE_INTERVAL))
+                       "--save", str(ckpt), "--load", str(ckpt), "--save-interval", str(SAVE_INTERVAL),
+                       "--exit-signal-handler")  # as the SLURM example runs: the surviving node's SIGTERM asks for a save
     commands = node_commands(PRETRAIN, *flags, nodes=2, nproc=1, rendezvous=True,
                              torchrun_flags=("--max-restarts=2", "--rdzv-conf=join_timeout=60"))
     job = Job(commands, tmp_path)
