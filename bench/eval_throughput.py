@@ -6,12 +6,15 @@ BPE tokenizer trained here; nothing downloaded):
 1. the RULER-style suite (niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe) at
    ``--length`` tokens: batched KV-cached greedy generation (``--batch-size`` prompts together)
    vs one prompt at a time, each task with RULER's generation budget (a random model never stops
-   early, so every sample generates its full budget);
+   early, so every sample generates its full budget). Both modes run the same code
+   (HFModel.generate: each prompt prefilled alone, the decode steps batched); the script also
+   times the prefills alone on one prompt per task, which batching cannot speed up, and prints the
+   speed-up batching could reach at most if its decode steps cost nothing;
 2. the distance probe's teacher-forced scoring of all candidates: the prompt once with the
    candidates batched over its KV cache (one long forward per prompt) vs one full forward per
    candidate.
 
-    python bench/eval_throughput.py [--length 4096] [--samples-per-task 6] [--batch-size 6]
+    python bench/eval_throughput.py [--length 4096] [--samples-per-task 6] [--batch-size 6] [--threads 2]
 
 Prints samples/s in wall time and in process CPU time (all threads; robust to other jobs on a
 shared machine) and the speed-ups. Results are recorded in BENCHMARKS.md ("Evaluation throughput").
@@ -20,6 +23,7 @@ shared machine) and the speed-ups. Results are recorded in BENCHMARKS.md ("Evalu
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -73,9 +77,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=6)
     parser.add_argument("--probe-samples", type=int, default=1)
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (fixed for both modes)")
     parser.add_argument("--skip-ruler", action="store_true")
     args = parser.parse_args()
 
+    torch.set_num_threads(args.threads)
     from megatron_exact.eval import probe, ruler, suites
     from megatron_exact.eval.backend import ForwardScorer, HFModel
     from megatron_exact.eval.spec import default_spec
@@ -84,7 +90,8 @@ def main() -> None:
     parameters = build_model(directory, args.vocab_size)
     model = HFModel(directory)
     print(f"model: {parameters / 1e6:.1f}M parameters (vocab {model.tokenizer.vocab_size}), "
-          f"torch threads {torch.get_num_threads()}, length {args.length}", flush=True)
+          f"torch threads {torch.get_num_threads()}, length {args.length}, "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
 
     if not args.skip_ruler:
         samples = suites.ruler_samples(model, ruler.DEFAULT_TASKS, [args.length], num_samples=args.samples_per_task,
@@ -100,7 +107,21 @@ def main() -> None:
                   f"{rates[batch][1]:.3f} samples/s CPU", flush=True)
         print(f"  speed-up batched / one at a time: {rates[args.batch_size][0] / rates[1][0]:.2f}x wall, "
               f"{rates[args.batch_size][1] / rates[1][1]:.2f}x CPU", flush=True)
+        # The prefills (one forward of each prompt alone, as both modes run them), timed on the first
+        # sample of each task and scaled by prompt tokens to the whole suite: the part batching
+        # cannot speed up.
+        firsts = [next(s for s in samples if s.task == task) for task in ruler.DEFAULT_TASKS]
+        with torch.inference_mode():
+            _, wall, cpu = timed(lambda: [model.model(input_ids=torch.tensor([s.prompt_ids]), logits_to_keep=1)
+                                          for s in firsts])
+        scale = sum(len(s.prompt_ids) for s in samples) / sum(len(s.prompt_ids) for s in firsts)
+        single_wall, single_cpu = len(samples) / rates[1][0], len(samples) / rates[1][1]
+        print(f"  prefills alone ({len(firsts)} prompts, scaled x{scale:.2f} to the suite): {wall * scale:.1f} s wall, "
+              f"{cpu * scale:.1f} s CPU = {wall * scale / single_wall:.0%} wall, {cpu * scale / single_cpu:.0%} CPU "
+              f"of one at a time; batching's ceiling (decode steps free): {single_wall / (wall * scale):.2f}x wall, "
+              f"{single_cpu / (cpu * scale):.2f}x CPU", flush=True)
 
+    print(f"load average {os.getloadavg()[0]:.1f}", flush=True)
     spec = default_spec()
     samples = probe.distance_sweep(spec, model, length=args.length, distances=[args.length // 4],
                                    num_samples=args.probe_samples)
