@@ -166,7 +166,7 @@ class HFModel(TokenizerCodec):
         """Sum of log p(candidate tokens | prompt) for each candidate: the prompt once, then all
         candidates in one batched forward over its (repeated) KV cache."""
         ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # not [T, vocab] logits
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
         scores = [first[c[0]].item() for c in candidates]
         longest = max(len(c) for c in candidates)

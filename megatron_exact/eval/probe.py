@@ -154,12 +154,19 @@ def rank_scores(scores: Sequence[float], answer_index: int) -> tuple[bool, float
 
 def score_samples(scorer, samples: Iterable[ProbeSample],
                   progress: Optional[Callable[[int], None]] = None) -> list[dict]:
-    """Score every sample with and without its fact; one record per sample."""
+    """Score every sample with and without its fact; one record per sample.
+
+    A prompt met again with the same candidates is not scored again: a sweep's ablated prompts
+    are one filler for all its distances (the fact is what moves), so most of them repeat."""
     records = []
+    scored: dict = {}
     for sample in samples:
         record = sample.metadata()
         for variant, prompt in (("present", sample.present), ("ablated", sample.ablated)):
-            scores = scorer.score_candidates(prompt, sample.candidate_ids)
+            key = (tuple(prompt), tuple(map(tuple, sample.candidate_ids)))
+            if key not in scored:
+                scored[key] = scorer.score_candidates(prompt, sample.candidate_ids)
+            scores = scored[key]
             correct, margin = rank_scores(scores, sample.answer_index)
             record[variant] = {"logprobs": scores, "correct": correct, "margin": margin}
         records.append(record)

@@ -106,6 +106,28 @@ def test_candidate_scores_equal_transformers_loss(model, codec):
             torch.testing.assert_close(torch.tensor(per_candidate), torch.tensor(reference), atol=2e-4, rtol=1e-5)
 
 
+def test_a_repeated_prompt_is_scored_once_with_the_same_records(model, codec):
+    """A sweep's ablated prompts repeat across its distances; each distinct prompt is one forward,
+    and the records equal scoring every prompt on its own."""
+    samples = probe.distance_sweep(default_spec(), codec, length=256, distances=[20, 60, 100], num_samples=2)
+
+    class Counting:
+        calls = 0
+
+        def score_candidates(self, prompt, candidates):
+            Counting.calls += 1
+            return model.score_candidates(prompt, candidates)
+
+    records = probe.score_samples(Counting(), samples)
+    distinct = {tuple(p) for s in samples for p in (s.present, s.ablated)}
+    assert Counting.calls == len(distinct) < 2 * len(samples)
+    for sample, record in zip(samples, records):
+        for variant, prompt in (("present", sample.present), ("ablated", sample.ablated)):
+            alone = model.score_candidates(prompt, sample.candidate_ids)
+            assert record[variant]["logprobs"] == alone
+            assert (record[variant]["correct"], record[variant]["margin"]) == probe.rank_scores(alone, sample.answer_index)
+
+
 def test_accuracy_margin_and_summary_by_hand():
     assert probe.rank_scores([-1.0, -2.0, -0.5], 2) == (True, 0.5)
     assert probe.rank_scores([-1.0, -2.0, -0.5], 0) == (False, -0.5)
