@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -41,6 +42,13 @@ def checkpoint_dir(save: Union[str, Path], iteration: Iteration) -> Path:
     if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
         raise ValueError(f"checkpoint iteration must be a non-negative int or {RELEASE!r}, got {iteration!r}")
     return Path(save) / f"iter_{iteration:07d}"
+
+
+def iteration_of(name: str) -> Optional[int]:
+    """The iteration a checkpoint directory name stands for (the inverse of :func:`checkpoint_dir`
+    for ``iter_*``), or None for any other name."""
+    match = re.fullmatch(r"iter_(\d{7,})", name)
+    return int(match[1]) if match else None
 
 
 def tracker_path(save: Union[str, Path]) -> Path:
@@ -95,7 +103,7 @@ def resolve_checkpoint(load: Union[str, Path], iteration: Iteration | None = Non
     if iteration is None:
         if (load / "metadata.json").is_file():  # a checkpoint directory itself
             name = load.name
-            found: Iteration = RELEASE if name == RELEASE else int(name[5:]) if name.startswith("iter_") else 0
+            found: Iteration = RELEASE if name == RELEASE else iteration_of(name) or 0
             return load, found
         raise FileNotFoundError(f"{load}: no {TRACKER_FILENAME} and not a checkpoint directory")
     path = checkpoint_dir(load, iteration)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +43,7 @@ from megatron_exact.checkpoint import (
     RELEASE,
     checkpoint_dir,
     find_checkpoint,
+    iteration_of,
     model_checkpoint_state,
     read_tracker,
     reading_checkpoint,
@@ -256,9 +256,9 @@ def remove_old_checkpoints(save: str, keep: int) -> list[Path]:
         return []
     complete = []
     for entry in Path(save).iterdir():
-        match = re.fullmatch(r"iter_(\d{7})", entry.name)
-        if match and entry.is_dir() and not entry.is_symlink() and int(match[1]) <= latest:
-            complete.append((int(match[1]), entry))
+        iteration = iteration_of(entry.name)
+        if iteration is not None and entry.is_dir() and not entry.is_symlink() and iteration <= latest:
+            complete.append((iteration, entry))
     complete.sort(reverse=True)
     if not complete or complete[0][0] != latest:
         return []  # the tracker's checkpoint is not here as a directory: decide nothing
