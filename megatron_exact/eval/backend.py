@@ -191,7 +191,7 @@ class HFModel(TokenizerCodec):
     def logits(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
         """Logits at the ``last`` final positions of ``tokens`` ``[1, T]``, for :class:`ForwardScorer`."""
         with torch.inference_mode():
-            return self.model(input_ids=tokens.to(self.device)).logits[:, -last:]
+            return self.model(input_ids=tokens.to(self.device), logits_to_keep=last).logits
 
 
 def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
