@@ -43,16 +43,12 @@ def export_run(checkpoints: str, hf_dir: str, tokenizer_dir: Optional[str], dtyp
     return hf_dir
 
 
-def probe(hf_dir: str, spec_path: str, evaluation: Evaluation,
-          progress: Optional[Callable[[str], None]] = None) -> List[dict]:
-    """The suite's distance probe (``megatron_exact.eval.probe``) at every probe length: one cell per
-    (length, distance) with ``accuracy_present``, ``margin_present``, ``accuracy_ablated``, ``margin_ablated``."""
-    from megatron_exact.eval.backend import HFModel
+def probe(model, spec, evaluation: Evaluation, progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """The suite's distance probe (``megatron_exact.eval.probe``) of ``model`` (an ``HFModel``) with the task
+    specification ``spec`` at every probe length: one cell per (length, distance) with ``accuracy_present``,
+    ``margin_present``, ``accuracy_ablated``, ``margin_ablated``."""
     from megatron_exact.eval.probe import distance_sweep, score_samples, summarize
-    from megatron_exact.eval.spec import load_spec
 
-    spec = load_spec(spec_path)
-    model = HFModel(hf_dir, dtype="float32")
     cells = []
     for length in evaluation.probe_lengths:
         samples = distance_sweep(spec, model, length=length, distances=evaluation.probe_distances,
@@ -65,24 +61,19 @@ def probe(hf_dir: str, spec_path: str, evaluation: Evaluation,
     return cells
 
 
-def ruler(hf_dir: str, spec_path: str, evaluation: Evaluation,
-          progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+def ruler(model, spec, evaluation: Evaluation, progress: Optional[Callable[[str], None]] = None) -> List[dict]:
     """The suite's RULER-style tasks written in the corpus's language (``megatron_exact.eval.ruler``
     with the task specification: key-value retrieval in filler and among other facts, variable
     tracking when the specification has it), greedy generation at every RULER length: one cell per
     (task, length) with ``n`` and ``score`` (RULER's string-match score, 0-1)."""
     from megatron_exact.eval import ruler as ruler_tasks
-    from megatron_exact.eval.backend import HFModel
-    from megatron_exact.eval.spec import load_spec
     from megatron_exact.eval.suites import generate_and_score, ruler_samples
 
-    spec = load_spec(spec_path)
     tasks = evaluation.ruler_tasks
     if tasks is None:  # every task the specification expresses
         tasks = [t for t in ruler_tasks.SPEC_TASKS if t != "vt" or spec.variable_tracking is not None]
     if not tasks or not evaluation.ruler_lengths:
         return []
-    model = HFModel(hf_dir, dtype="float32")
     samples = ruler_samples(model, tasks, evaluation.ruler_lengths, num_samples=evaluation.ruler_samples,
                             seed=evaluation.ruler_seed, spec=spec, haystack_text=None,
                             max_new_tokens=evaluation.ruler_max_new_tokens)
@@ -133,7 +124,11 @@ def evaluate_run(run_dir: str, checkpoints: str, metrics_file: str, *, tokenizer
             return previous
     result = {"settings": settings, "exported_from": stamp, "validation": last_validation(metrics_file)}
     if evaluation is not None and probe_spec is not None:
-        result["probe"] = probe(hf_dir, probe_spec, evaluation, progress=log)
-        result["ruler"] = ruler(hf_dir, probe_spec, evaluation, progress=log)
+        from megatron_exact.eval.backend import HFModel
+        from megatron_exact.eval.spec import load_spec
+
+        model, spec = HFModel(hf_dir, dtype="float32"), load_spec(probe_spec)
+        result["probe"] = probe(model, spec, evaluation, progress=log)
+        result["ruler"] = ruler(model, spec, evaluation, progress=log)
     atomic_io.write_json(path, result)
     return result
