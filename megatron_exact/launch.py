@@ -225,4 +225,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from megatron_exact import cli
+
+    cli.exit_process(main())
