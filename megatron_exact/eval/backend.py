@@ -4,12 +4,19 @@ Two operations, both batched:
 
 - :meth:`HFModel.generate`: greedy decoding with the KV cache: each prompt prefilled alone, the decode
   steps batched over the left-padded caches, finished rows leaving the batch;
-- :meth:`HFModel.score_candidates`: teacher-forced log-probabilities of candidate continuations:
-  the prompt runs once, its KV cache is shared by all candidates, which run together in one
+- :meth:`HFModel.score_prompts`: teacher-forced log-probabilities of candidate continuations:
+  each prompt runs once, its KV cache is shared by all its candidates, which run together in one
   batched forward over it. :class:`ForwardScorer` does the same from any ``tokens -> logits``
   function (the trainer's Megatron model), one full forward per candidate.
 
 Both scorers return, per candidate, the sum of its tokens' log-probabilities.
+
+Prefix reuse: the prompts of one call are prefilled in lexicographic token order, and each reuses
+the KV cache of the one before for the tokens the two share from the start, so only the rest runs
+(a cache entry depends on the tokens before it only). A probe sweep's prompts are one filler with
+the fact moved, so at one sample index they share all but the fact-to-question stretch; RULER's
+noise-haystack prompts share the haystack up to the needle. Both modes give the same numbers up to
+floating-point rounding (``prefix_reuse=False`` prefills every prompt from its first token).
 """
 
 from __future__ import annotations
@@ -70,13 +77,36 @@ def load_tokenizer(model_dir: Union[str, Path]):
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-class HFModel(TokenizerCodec):
+class CandidateScorer:
+    """What the probe scores with: :meth:`score_prompts` over many prompts at once (the order is the
+    scorer's), :meth:`score_candidates` for one."""
+
+    def score_prompts(self, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                      done: Optional[Callable[[int], None]] = None) -> list[list[float]]:
+        """For each ``(prompt, candidates)``, the candidates' log-probabilities given the prompt;
+        ``done(i)`` is called when item ``i`` is scored."""
+        raise NotImplementedError
+
+    def score_candidates(self, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
+        return self.score_prompts([(prompt, candidates)])[0]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class HFModel(TokenizerCodec, CandidateScorer):
     """An HF causal LM for evaluation (inference mode, eval(), one device)."""
 
     backend = "transformers"
 
     def __init__(self, model_dir: Union[str, Path], *, device: str = "cpu", dtype: str = "auto",
-                 flag: str = "--model"):
+                 flag: str = "--model", prefix_reuse: bool = True):
         from transformers import AutoModelForCausalLM
 
         self.path = check_model_dir(model_dir, flag)
@@ -93,6 +123,7 @@ class HFModel(TokenizerCodec):
         # transformers renamed the cache argument (past_key_values -> cache); use what this version takes.
         parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        self.prefix_reuse = prefix_reuse
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -104,26 +135,57 @@ class HFModel(TokenizerCodec):
                 ids.update(int(i) for i in source)
         return ids
 
+    # -- prefill -------------------------------------------------------------------------
+    def _prefill(self, prompt: Sequence[int], previous=None):
+        """One prompt's forward alone: (logits at its last position, its KV cache).
+
+        ``previous`` is ``(tokens, cache)`` of a prompt prefilled before: the positions the two share
+        from the start are taken from its cache (views; it is not modified) and only the rest runs.
+        At least the last token always runs, for its logits."""
+        from transformers import DynamicCache
+
+        shared, arguments = 0, {}
+        if previous is not None and self.prefix_reuse:
+            tokens, cache = previous
+            layers = [_layer_states(cache, layer) for layer in range(self._num_layers)]
+            if all(k.shape[2] == len(tokens) for k, _ in layers):  # full caches (no sliding-window layer)
+                shared = min(common_prefix_length(tokens, prompt), len(prompt) - 1)
+            if shared:
+                reused = DynamicCache()
+                for layer, (keys, values) in enumerate(layers):
+                    reused.update(keys[:, :, :shared], values[:, :, :shared], layer)
+                arguments[self._cache_argument] = reused
+        ids = torch.tensor([list(prompt[shared:])], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **arguments)
+        return out.logits[0, -1], getattr(out, self._cache_argument)
+
+    @property
+    def _num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations of ``prompts``, KV-cached; each row stops at EOS.
 
-        Each prompt's prefill runs alone (no padding rows, no mask: the causal kernel); the caches
-        are then left-padded into one batch and the decode steps run batched, a row leaving the
-        batch when it reaches EOS. One prompt goes through the same code with a batch of one."""
+        Each prompt's prefill runs alone (no padding rows, no mask: the causal kernel; in
+        lexicographic order, reusing the prefix it shares with the one before); the caches are then
+        left-padded into one batch and the decode steps run batched, a row leaving the batch when it
+        reaches EOS. One prompt goes through the same code with a batch of one."""
         from transformers import DynamicCache
 
         width = max(len(p) for p in prompts)
         rows = len(prompts)
-        caches, tokens = [], []
-        for prompt in prompts:
-            out = self.model(input_ids=torch.tensor([list(prompt)], dtype=torch.long, device=self.device),
-                             use_cache=True, logits_to_keep=1)
-            caches.append(out.past_key_values)
-            tokens.append(int(out.logits[0, -1].argmax()))
+        caches: list = [None] * rows
+        tokens: list = [None] * rows
+        previous = None
+        for row in sorted(range(rows), key=lambda r: list(prompts[r])):
+            logits, caches[row] = self._prefill(prompts[row], previous)
+            tokens[row] = int(logits.argmax())
+            previous = (prompts[row], caches[row])
+        del previous
         cache = DynamicCache()
-        for layer in range(self.model.config.get_text_config().num_hidden_layers):
+        for layer in range(self._num_layers):
             keys, values = zip(*(_layer_states(c, layer) for c in caches))
             cache.update(torch.cat([_left_pad(k, width) for k in keys]),
                          torch.cat([_left_pad(v, width) for v in values]), layer)
@@ -162,27 +224,43 @@ class HFModel(TokenizerCodec):
 
     # -- teacher-forced scoring ------------------------------------------------------------
     @torch.inference_mode()
-    def score_candidates(self, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
-        """Sum of log p(candidate tokens | prompt) for each candidate: the prompt once, then all
-        candidates in one batched forward over its (repeated) KV cache."""
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)  # not [T, vocab] logits
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    def score_prompts(self, items, done=None):
+        """Each prompt once (in lexicographic order, reusing the prefix shared with the one before),
+        then all its candidates in one batched forward over its (repeated) KV cache."""
+        scores: list = [None] * len(items)
+        previous = None
+        for i in sorted(range(len(items)), key=lambda i: list(items[i][0])):
+            prompt, candidates = items[i]
+            logits, cache = self._prefill(prompt, previous)
+            scores[i] = self._candidate_scores(logits, cache, len(prompt), candidates)
+            previous = (prompt, cache)
+            if done is not None:
+                done(i)
+        return scores
+
+    def _candidate_scores(self, logits: torch.Tensor, prompt_cache, prompt_length: int,
+                          candidates: Sequence[Sequence[int]]) -> list[float]:
+        from transformers import DynamicCache
+
+        first = torch.log_softmax(logits.float(), dim=-1)  # predicts every candidate's first token
         scores = [first[c[0]].item() for c in candidates]
         longest = max(len(c) for c in candidates)
         if longest == 1:
             return scores
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(len(candidates))
+        cache = DynamicCache()  # the prompt's cache repeated per candidate (the prompt's own is kept)
+        for layer in range(self._num_layers):
+            keys, values = _layer_states(prompt_cache, layer)
+            cache.update(keys.repeat_interleave(len(candidates), dim=0),
+                         values.repeat_interleave(len(candidates), dim=0), layer)
         rest = torch.full((len(candidates), longest - 1), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(candidates), len(prompt) + longest - 1), dtype=torch.long)
-        mask[:, : len(prompt)] = 1
+        mask = torch.zeros((len(candidates), prompt_length + longest - 1), dtype=torch.long)
+        mask[:, :prompt_length] = 1
         for row, candidate in enumerate(candidates):
             rest[row, : len(candidate) - 1] = torch.tensor(candidate[:-1], dtype=torch.long)
-            mask[row, len(prompt): len(prompt) + len(candidate) - 1] = 1
-        logits = self.model(input_ids=rest.to(self.device), attention_mask=mask.to(self.device),
-                            **{self._cache_argument: cache}, use_cache=True).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+            mask[row, prompt_length: prompt_length + len(candidate) - 1] = 1
+        out = self.model(input_ids=rest.to(self.device), attention_mask=mask.to(self.device),
+                         **{self._cache_argument: cache}, use_cache=True)
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         for row, candidate in enumerate(candidates):
             for position, token in enumerate(candidate[1:]):
                 scores[row] += logprobs[row, position, token].item()
@@ -206,16 +284,24 @@ def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(states, (0, 0, width - states.shape[2], 0))
 
 
-class ForwardScorer:
+class ForwardScorer(CandidateScorer):
     """Teacher-forced candidate scoring from a ``logits_fn(tokens [1, T], last) -> logits [1, last, V]``
     function (the logits at the ``last`` final positions, over the real vocabulary): one forward of
     prompt + candidate per candidate. The trainer's ``--eval-probe`` scores its Megatron model
-    through this; :class:`HFModel.score_candidates` gives the same numbers with the prompt run once."""
+    through this; :meth:`HFModel.score_prompts` gives the same numbers with each prompt run once."""
 
     def __init__(self, logits_fn: Callable[[torch.Tensor, int], torch.Tensor]):
         self.logits_fn = logits_fn
 
-    def score_candidates(self, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
+    def score_prompts(self, items, done=None):
+        scores = []
+        for i, (prompt, candidates) in enumerate(items):
+            scores.append(self._score(prompt, candidates))
+            if done is not None:
+                done(i)
+        return scores
+
+    def _score(self, prompt: Sequence[int], candidates: Sequence[Sequence[int]]) -> list[float]:
         scores = []
         for candidate in candidates:
             # The logits at the prompt's last token and at every candidate token but the last

@@ -154,24 +154,43 @@ def rank_scores(scores: Sequence[float], answer_index: int) -> tuple[bool, float
 
 def score_samples(scorer, samples: Iterable[ProbeSample],
                   progress: Optional[Callable[[int], None]] = None) -> list[dict]:
-    """Score every sample with and without its fact; one record per sample.
+    """Score every sample with and without its fact; one record per sample, in the samples' order.
 
-    A prompt met again with the same candidates is not scored again: a sweep's ablated prompts
-    are one filler for all its distances (the fact is what moves), so most of them repeat."""
+    Every distinct prompt is scored once, all of them in one call to the scorer (which picks the
+    order: :class:`~megatron_exact.eval.backend.HFModel` reuses shared prefixes). A sweep's ablated
+    prompts are one filler for all its distances (the fact is what moves), so most of them repeat.
+    ``progress(1)`` is called when both of a sample's prompts are scored."""
+    samples = list(samples)
+    keys: dict = {}  # (prompt, candidates) -> item number
+    items, waiting, needs = [], [], []
+    for number, sample in enumerate(samples):
+        mine = set()
+        for prompt in (sample.present, sample.ablated):
+            key = (tuple(prompt), tuple(map(tuple, sample.candidate_ids)))
+            if key not in keys:
+                keys[key] = len(items)
+                items.append((prompt, sample.candidate_ids))
+                waiting.append([])
+            mine.add(keys[key])
+        for item in mine:
+            waiting[item].append(number)
+        needs.append(len(mine))
+
+    def done(item: int) -> None:
+        for number in waiting[item]:
+            needs[number] -= 1
+            if needs[number] == 0 and progress is not None:
+                progress(1)
+
+    scores = scorer.score_prompts(items, done)
     records = []
-    scored: dict = {}
     for sample in samples:
         record = sample.metadata()
         for variant, prompt in (("present", sample.present), ("ablated", sample.ablated)):
-            key = (tuple(prompt), tuple(map(tuple, sample.candidate_ids)))
-            if key not in scored:
-                scored[key] = scorer.score_candidates(prompt, sample.candidate_ids)
-            scores = scored[key]
-            correct, margin = rank_scores(scores, sample.answer_index)
-            record[variant] = {"logprobs": scores, "correct": correct, "margin": margin}
+            item_scores = scores[keys[(tuple(prompt), tuple(map(tuple, sample.candidate_ids)))]]
+            correct, margin = rank_scores(item_scores, sample.answer_index)
+            record[variant] = {"logprobs": item_scores, "correct": correct, "margin": margin}
         records.append(record)
-        if progress is not None:
-            progress(1)
     return records
 
 

@@ -9,9 +9,12 @@ from megatron_exact.eval.spec import ProbeSpec
 
 
 def generate_and_score(model, samples: Sequence, *, batch_size: int, progress=None) -> list[dict]:
-    """Greedy generation in batches of samples with the same generation budget (sorted by prompt
-    length to waste little padding), then scoring; records come back in the samples' order."""
-    order = sorted(range(len(samples)), key=lambda i: (samples[i].max_new_tokens, len(samples[i].prompt_ids)))
+    """Greedy generation in batches of samples with the same generation budget, then scoring;
+    records come back in the samples' order. Within a budget, samples are ordered by requested
+    length (prompts of one length differ by at most a haystack unit: little padding), then by
+    their tokens, so that prompts sharing a prefix share a batch (the model reuses it)."""
+    order = sorted(range(len(samples)),
+                   key=lambda i: (samples[i].max_new_tokens, samples[i].length, list(samples[i].prompt_ids)))
     predictions: dict = {}
     start = 0
     while start < len(order):

@@ -37,5 +37,5 @@ class VLLMModel(TokenizerCodec):
         inputs = [{"prompt_token_ids": list(p)} for p in prompts]
         return [list(out.outputs[0].token_ids) for out in self.llm.generate(inputs, params, use_tqdm=False)]
 
-    def score_candidates(self, prompt, candidates):
+    def score_prompts(self, items, done=None):
         raise BadInputError("the distance probe scores with transformers: pass --backend transformers")

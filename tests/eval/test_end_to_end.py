@@ -114,6 +114,27 @@ def test_batched_generation_equals_one_prompt_at_a_time(eval_models):
     assert len(cut[1]) == 2 and any(len(ids) == 6 for ids in cut)
 
 
+def test_generation_reuses_a_shared_prefix_with_the_same_tokens(eval_models):
+    """Prompts generated together that share a prefix prefill it once; the tokens equal each
+    prompt generated alone."""
+    from tests.eval.test_probe import _prefill_lengths
+
+    model = HFModel(eval_models["a"])
+    base = model.bos + model.encode("Fog rolls in from the sea each morning, and then " * 5)
+    prompts = [base + model.encode(" the boats return."), base + model.encode(" stars appear over the hills.")]
+    alone = [model.generate([p], 5)[0] for p in prompts]
+    lengths, handle = _prefill_lengths(model.model)
+    try:
+        batched = model.generate(prompts, 5)
+    finally:
+        handle.remove()
+    assert batched == alone
+    shared = next(i for i, (a, b) in enumerate(zip(*prompts)) if a != b)
+    assert shared >= len(base)
+    first, second = sorted(prompts)
+    assert lengths == [len(first), len(second) - shared]
+
+
 def test_progress_reports_rate_and_eta(capsys):
     from megatron_exact.eval.progress import Progress
 

@@ -107,25 +107,63 @@ def test_candidate_scores_equal_transformers_loss(model, codec):
 
 
 def test_a_repeated_prompt_is_scored_once_with_the_same_records(model, codec):
-    """A sweep's ablated prompts repeat across its distances; each distinct prompt is one forward,
+    """A sweep's ablated prompts repeat across its distances; each distinct prompt is scored once,
     and the records equal scoring every prompt on its own."""
     samples = probe.distance_sweep(default_spec(), codec, length=256, distances=[20, 60, 100], num_samples=2)
 
-    class Counting:
-        calls = 0
+    class Counting(ForwardScorer):
+        prompts = []
 
-        def score_candidates(self, prompt, candidates):
-            Counting.calls += 1
-            return model.score_candidates(prompt, candidates)
+        def score_prompts(self, items, done=None):
+            Counting.prompts += [tuple(prompt) for prompt, _ in items]
+            return model.score_prompts(items, done)
 
-    records = probe.score_samples(Counting(), samples)
+    finished = []
+    records = probe.score_samples(Counting(model.logits), samples, progress=finished.append)
     distinct = {tuple(p) for s in samples for p in (s.present, s.ablated)}
-    assert Counting.calls == len(distinct) < 2 * len(samples)
+    assert len(Counting.prompts) == len(set(Counting.prompts)) == len(distinct) < 2 * len(samples)
+    assert finished == [1] * len(samples)
     for sample, record in zip(samples, records):
         for variant, prompt in (("present", sample.present), ("ablated", sample.ablated)):
             alone = model.score_candidates(prompt, sample.candidate_ids)
-            assert record[variant]["logprobs"] == alone
-            assert (record[variant]["correct"], record[variant]["margin"]) == probe.rank_scores(alone, sample.answer_index)
+            torch.testing.assert_close(record[variant]["logprobs"], alone, atol=1e-5, rtol=0)
+            assert (record[variant]["correct"], record[variant]["margin"]) == probe.rank_scores(
+                record[variant]["logprobs"], sample.answer_index)
+
+
+def _prefill_lengths(hf_model):
+    """Records the tokens each prefill forward (the calls asking for the last position's logits only) runs."""
+    lengths = []
+
+    def hook(module, args, kwargs):
+        if kwargs.get("logits_to_keep") == 1:
+            lengths.append(kwargs["input_ids"].shape[1])
+
+    return lengths, hf_model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_prefix_reuse_runs_only_the_unshared_tokens_with_the_same_scores(eval_models, codec):
+    """Prompts scored together reuse the KV cache of the prefix they share: a present prompt after
+    its ablated one runs only from the fact on; the scores equal prefilling every prompt from its
+    first token, and transformers' own loss."""
+    spec = default_spec()
+    sample = probe.build_sample(spec, codec, length=400, distance=60, index=0)
+    items = [(sample.ablated, sample.candidate_ids), (sample.present, sample.candidate_ids)]
+    shared = next(i for i, (a, b) in enumerate(zip(sample.ablated, sample.present)) if a != b)
+    assert shared >= sample.fact_span[0]  # everything before the fact
+    reusing, fresh = HFModel(eval_models["a"]), HFModel(eval_models["a"], prefix_reuse=False)
+    lengths, handle = _prefill_lengths(reusing.model)
+    try:
+        scores = reusing.score_prompts(items)
+    finally:
+        handle.remove()
+    first, second = sorted([sample.ablated, sample.present])
+    assert lengths == [len(first), len(second) - shared]
+    reference = fresh.score_prompts(items)
+    for got, want, (prompt, _) in zip(scores, reference, items):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        loss = [_transformers_logprob(fresh.model, prompt, c) for c in sample.candidate_ids]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(loss), atol=2e-4, rtol=1e-5)
 
 
 def test_accuracy_margin_and_summary_by_hand():
