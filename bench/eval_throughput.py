@@ -15,7 +15,9 @@ BPE tokenizer trained here; nothing downloaded):
    candidates batched over its KV cache (one long forward per prompt) vs one full forward per
    candidate (both without prefix reuse);
 3. a whole distance sweep at one sample index (``default_distances(--length)``, evidence present
-   and ablated): every prompt prefilled from its first token vs prefix reuse.
+   and ablated): every prompt prefilled from its first token vs prefix reuse;
+4. one ``--length``-token prefill from its first token vs the same prompt with a prefix of 1/64,
+   1/4, 1/2 and 7/8 of it taken from a cache (what sets ``backend.REUSE_MIN_FRACTION``).
 
     python bench/eval_throughput.py [--length 4096] [--samples-per-task 6] [--batch-size 6] [--threads 2]
                                     [--skip-ruler]
@@ -87,11 +89,15 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="eval_bench_") as scratch:
+        run(args, Path(scratch))
+
+
+def run(args, directory: Path) -> None:
     from megatron_exact.eval import probe, ruler, suites
     from megatron_exact.eval.backend import ForwardScorer, HFModel
     from megatron_exact.eval.spec import default_spec
 
-    directory = Path(tempfile.mkdtemp(prefix="eval_bench_"))
     parameters = build_model(directory, args.vocab_size)
     model = HFModel(directory)
     print(f"model: {parameters / 1e6:.1f}M parameters (vocab {model.tokenizer.vocab_size}), "
@@ -154,6 +160,27 @@ def main() -> None:
         compare_probe(samples, 2 * len(samples), "every prompt from its first token", model, "prefix reuse", reusing)
     print(f"  prefix reuse prefilled {sum(prefilled)} tokens (distinct prompts hold "
           f"{sum(len(p) for p in {tuple(p) for s in samples for p in (s.present, s.ablated)})})", flush=True)
+    reuse_break_even(model, samples[0].ablated)
+
+
+def reuse_break_even(model, prompt) -> None:
+    """The prefill of ``prompt`` from its first token vs with its first P tokens' KV cache given."""
+    from transformers import DynamicCache
+
+    from megatron_exact.eval.backend import _layer_states
+
+    with torch.inference_mode():
+        out, _, full = timed(lambda: model.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1))
+        cache = getattr(out, model._cache_argument)
+        print(f"prefill of {len(prompt)} tokens from its first token: {full:.1f} s CPU; with a cached prefix of", flush=True)
+        for shared in (len(prompt) // 64, len(prompt) // 4, len(prompt) // 2, 7 * len(prompt) // 8):
+            reused = DynamicCache()
+            for layer in range(model._num_layers):
+                keys, values = _layer_states(cache, layer)
+                reused.update(keys[:, :, :shared], values[:, :, :shared], layer)
+            _, _, cpu = timed(lambda: model.model(input_ids=torch.tensor([prompt[shared:]]), use_cache=True,
+                                                  logits_to_keep=1, **{model._cache_argument: reused}))
+            print(f"  {shared:6d} tokens ({shared / len(prompt):.3f} of it): {cpu:.1f} s CPU = {cpu / full:.2f}x", flush=True)
 
 
 def compare_probe(samples, prompts, slow_name, slow_scorer, fast_name, fast_scorer):

@@ -15,8 +15,11 @@ Prefix reuse: the prompts of one call are prefilled in lexicographic token order
 the KV cache of the one before for the tokens the two share from the start, so only the rest runs
 (a cache entry depends on the tokens before it only). A probe sweep's prompts are one filler with
 the fact moved, so at one sample index they share all but the fact-to-question stretch; RULER's
-noise-haystack prompts share the haystack up to the needle. Both modes give the same numbers up to
-floating-point rounding (``prefix_reuse=False`` prefills every prompt from its first token).
+noise-haystack prompts share the haystack up to the needle. A prefix is reused only when it is at
+least :data:`REUSE_MIN_FRACTION` of the prompt: the rest then runs against the cache through the
+masked attention kernel instead of the causal one, which costs more than the tokens saved when
+the prefix is short (``bench/eval_throughput.py`` measures it). Both modes give the same numbers
+up to floating-point rounding (``prefix_reuse=False`` prefills every prompt from its first token).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ from megatron_exact.eval.codec import TokenizerCodec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
 LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# The shortest shared prefix, as a fraction of the prompt, whose KV cache a prefill reuses. On CPU
+# (4096-token prompts, 96M model) a prefix of 1/64 of the prompt made the prefill 1.3x slower than
+# running it from its first token, 1/4 about even, 1/2 0.6x (BENCHMARKS.md, "Evaluation throughput").
+REUSE_MIN_FRACTION = 0.25
 
 
 def check_model_dir(model_dir: Union[str, Path], flag: str = "--model") -> Path:
@@ -150,6 +157,8 @@ class HFModel(TokenizerCodec, CandidateScorer):
             layers = [_layer_states(cache, layer) for layer in range(self._num_layers)]
             if all(k.shape[2] == len(tokens) for k, _ in layers):  # full caches (no sliding-window layer)
                 shared = min(common_prefix_length(tokens, prompt), len(prompt) - 1)
+            if shared < REUSE_MIN_FRACTION * len(prompt):
+                shared = 0
             if shared:
                 reused = DynamicCache()
                 for layer, (keys, values) in enumerate(layers):

@@ -117,6 +117,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(eval_models):
 def test_generation_reuses_a_shared_prefix_with_the_same_tokens(eval_models):
     """Prompts generated together that share a prefix prefill it once; the tokens equal each
     prompt generated alone."""
+    from megatron_exact.eval.backend import REUSE_MIN_FRACTION, common_prefix_length
     from tests.eval.test_probe import _prefill_lengths
 
     model = HFModel(eval_models["a"])
@@ -133,6 +134,16 @@ def test_generation_reuses_a_shared_prefix_with_the_same_tokens(eval_models):
     assert shared >= len(base)
     first, second = sorted(prompts)
     assert lengths == [len(first), len(second) - shared]
+    # A prefix shorter than REUSE_MIN_FRACTION of the prompt is not worth its masked attention: run from the start.
+    short = [base[:3] + model.encode(" the boats return." * 6), base[:3] + model.encode(" stars appear." * 9)]
+    assert min(map(len, short)) * REUSE_MIN_FRACTION > common_prefix_length(*short)
+    lengths, handle = _prefill_lengths(model.model)
+    try:
+        together = model.generate(short, 3)
+    finally:
+        handle.remove()
+    assert together == [model.generate([p], 3)[0] for p in short]
+    assert sorted(lengths) == sorted(map(len, short))
 
 
 def test_progress_reports_rate_and_eta(capsys):
