@@ -37,9 +37,11 @@ from megatron_exact.eval.codec import TokenizerCodec
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
 LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 # The shortest shared prefix, as a fraction of the prompt, whose KV cache a prefill reuses. On CPU
-# (4096-token prompts, 96M model) a prefix of 1/64 of the prompt made the prefill 1.3x slower than
-# running it from its first token, 1/4 about even, 1/2 0.6x (BENCHMARKS.md, "Evaluation throughput").
-REUSE_MIN_FRACTION = 0.25
+# (a 4071-token prompt, 96M model), a cached prefix of 1/64 of the prompt made its prefill 1.55x
+# the cost of running it from the first token, 1/4 1.09x, 1/2 0.77x, 7/8 0.21x: the masked
+# kernel (no causal shortcut) attends the rest to every cached key (BENCHMARKS.md, "Evaluation
+# throughput").
+REUSE_MIN_FRACTION = 0.5
 
 
 def check_model_dir(model_dir: Union[str, Path], flag: str = "--model") -> Path:
