@@ -37,10 +37,10 @@ from megatron_exact.eval.codec import TokenizerCodec
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tiktoken.model", "tokenizer_config.json")
 LENGTH_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 # The shortest shared prefix, as a fraction of the prompt, whose KV cache a prefill reuses. On CPU
-# (a 4071-token prompt, 96M model), a cached prefix of 1/64 of the prompt made its prefill 1.55x
-# the cost of running it from the first token, 1/4 1.09x, 1/2 0.77x, 7/8 0.21x: the masked
-# kernel (no causal shortcut) attends the rest to every cached key (BENCHMARKS.md, "Evaluation
-# throughput").
+# (a 4071-token prompt, 96M model; two runs), a cached prefix of 1/64 of the prompt made its
+# prefill 1.55x / 1.24x the cost of running it from the first token, 1/4 1.09x / 0.91x, 1/2
+# 0.77x / 0.68x, 7/8 0.21x / 0.15x: the rest runs through the masked kernel (no causal shortcut)
+# over every cached key (BENCHMARKS.md, "Prefix reuse").
 REUSE_MIN_FRACTION = 0.5
 
 
