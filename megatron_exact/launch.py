@@ -128,14 +128,18 @@ def explain(error: BaseException, rendezvous: Rendezvous) -> Optional[Rendezvous
     if isinstance(error, RendezvousTimeoutError):
         return RendezvousFailed(f"{where}: the rendezvous did not complete within {rendezvous.describe_wait()}: "
                                 f"{expected}")
+    closed = (f"{where}: another node's agent closed the rendezvous before this node's round completed (it "
+              f"ended or gave up: see its output); --nnodes {rendezvous.nnodes} here")
+    if isinstance(error, RendezvousConnectionError) and "connection was likely closed" in cause.lower():
+        # Connected, then the store's host (the first node's agent) went away mid-round.
+        return RendezvousFailed(f"{closed}{detail}")
     if isinstance(error, RendezvousConnectionError):
         read = rendezvous.seconds("read_timeout", DEFAULT_READ_TIMEOUT_S)
         return RendezvousFailed(
             f"cannot reach {where} within --rdzv-conf read_timeout={read} s{detail}: is the first node's agent "
             f"running, and is {rendezvous.endpoint} reachable from this node (host name, port, firewall)?")
     if isinstance(error, RendezvousClosedError):
-        return RendezvousFailed(f"{where}: another node's agent closed the rendezvous before this node's round "
-                                f"completed (it ended or gave up: see its output); --nnodes {rendezvous.nnodes} here")
+        return RendezvousFailed(closed)
     if isinstance(error, DistError) and rendezvous.backend == "static":
         # The static rendezvous: the master's store waits for every node (DistStoreError), the other
         # nodes connect to it (DistNetworkError).

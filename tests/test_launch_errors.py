@@ -180,3 +180,29 @@ def test_the_launcher_reads_the_rendezvous_as_torchrun_resolves_it():
     c10d = of("--nnodes=1:4", "--rdzv-backend=c10d", "--rdzv-endpoint=node001:29500", "--max-restarts=3")
     assert (c10d.endpoint, c10d.max_nodes, c10d.max_restarts, c10d.describe_wait()) == (
         "node001:29500", 4, 3, "--rdzv-conf join_timeout=600 s")
+
+
+def test_a_connection_the_first_node_closed_is_named_as_closed_not_unreachable():
+    """A node that reached the store and then lost it (the first node's agent ended mid-round, as when
+    the nodes disagree on --nnodes) is told so; one that never connected is told the endpoint is unreachable."""
+    from torch.distributed import DistNetworkError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    rendezvous = launch.Rendezvous("c10d", "127.0.0.1:29400", "2", 0, {})
+
+    def failure(cause: str) -> str:
+        try:
+            try:
+                raise DistNetworkError(cause)
+            except DistNetworkError as err:
+                raise RendezvousConnectionError("The connection to the C10d store has failed.") from err
+        except RendezvousConnectionError as err:
+            return str(launch.explain(err, rendezvous))
+
+    closed = failure("Failed to recv, got 0 bytes. Connection was likely closed. Did the remote server shutdown or crash?")
+    assert closed.startswith("the rendezvous endpoint 127.0.0.1:29400 (--rdzv-backend c10d): another node's agent "
+                             "closed the rendezvous before this node's round completed"), closed
+    assert "--nnodes 2 here" in closed and "Connection was likely closed" in closed
+    unreachable = failure("The client socket has timed out after 5000ms while trying to connect to (127.0.0.1, 29400).")
+    assert unreachable.startswith("cannot reach the rendezvous endpoint 127.0.0.1:29400 (--rdzv-backend c10d) within "
+                                  "--rdzv-conf read_timeout="), unreachable
