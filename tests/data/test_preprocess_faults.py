@@ -133,12 +133,29 @@ def long_input(tmp_path_factory):
     return str(root / "part*.jsonl")
 
 
+def _signals_as_from_a_terminal():
+    """In the child before exec: SIGINT at its default and no signal blocked, as a shell starts a
+    foreground command. An ignored or blocked signal is inherited through exec, and the test process
+    may have either (a background job of a non-interactive shell ignores SIGINT); a tool started
+    that way rightly ignores Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _catches(pid, sig):
+    """Whether process ``pid`` has a handler installed for ``sig`` (its SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return bool(caught >> (sig - 1) & 1)
+
+
 def _start(long_input, prefix, workers):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", long_input,
          "--output-prefix", prefix, "--tokenizer-type", "ByteTokenizer", "--workers", str(workers),
          "--log-interval", "2000"],
         stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO,
+        preexec_fn=_signals_as_from_a_terminal,
     )
     for line in proc.stderr:  # in the main loop: locked, temporaries open, workers busy
         if line.startswith("Processed"):
@@ -187,6 +204,7 @@ def test_second_writer_refused_and_interrupt_ends_within_seconds(tmp_path, capsy
     proc, workers = _start(long_input, str(tmp_path / "out"), workers=2)
     try:
         assert len(workers) >= 2 and atomic_io.temporaries(tmp_path)
+        assert _catches(proc.pid, signal.SIGINT) and _catches(proc.pid, signal.SIGTERM)
         small = tmp_path / "small.jsonl"
         small.write_text(_lines("hello"))
         assert _tool(tmp_path, input=small) == 1
