@@ -153,31 +153,27 @@ def run(args, directory: Path) -> None:
 
     distances = probe.default_distances(args.length)
     samples = probe.distance_sweep(spec, model, length=args.length, distances=distances, num_samples=1)
-    print(f"probe sweep at {args.length} tokens, distances {distances}, one index: "
-          f"{len({tuple(p) for s in samples for p in (s.present, s.ablated)})} distinct prompts", flush=True)
+    distinct = {tuple(p) for s in samples for p in (s.present, s.ablated)}
+    print(f"probe sweep at {args.length} tokens, distances {distances}, one index: {len(distinct)} distinct prompts",
+          flush=True)
     reusing = HFModel(directory)
     with count_prefill_tokens(reusing) as prefilled:
         compare_probe(samples, 2 * len(samples), "every prompt from its first token", model, "prefix reuse", reusing)
-    print(f"  prefix reuse prefilled {sum(prefilled)} tokens (distinct prompts hold "
-          f"{sum(len(p) for p in {tuple(p) for s in samples for p in (s.present, s.ablated)})})", flush=True)
+    print(f"  prefix reuse prefilled {sum(prefilled)} tokens (distinct prompts hold {sum(map(len, distinct))})",
+          flush=True)
     reuse_break_even(model, samples[0].ablated)
 
 
 def reuse_break_even(model, prompt) -> None:
     """The prefill of ``prompt`` from its first token vs with its first P tokens' KV cache given."""
-    from transformers import DynamicCache
-
-    from megatron_exact.eval.backend import _layer_states
+    from megatron_exact.eval.backend import _cache_of
 
     with torch.inference_mode():
         out, _, full = timed(lambda: model.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1))
         cache = getattr(out, model._cache_argument)
         print(f"prefill of {len(prompt)} tokens from its first token: {full:.1f} s CPU; with a cached prefix of", flush=True)
         for shared in (len(prompt) // 64, len(prompt) // 4, len(prompt) // 2, 7 * len(prompt) // 8):
-            reused = DynamicCache()
-            for layer in range(model._num_layers):
-                keys, values = _layer_states(cache, layer)
-                reused.update(keys[:, :, :shared], values[:, :, :shared], layer)
+            reused = _cache_of((k[:, :, :shared], v[:, :, :shared]) for k, v in model._layers(cache))
             _, _, cpu = timed(lambda: model.model(input_ids=torch.tensor([prompt[shared:]]), use_cache=True,
                                                   logits_to_keep=1, **{model._cache_argument: reused}))
             print(f"  {shared:6d} tokens ({shared / len(prompt):.3f} of it): {cpu:.1f} s CPU = {cpu / full:.2f}x", flush=True)

@@ -151,28 +151,22 @@ class HFModel(TokenizerCodec, CandidateScorer):
         ``previous`` is ``(tokens, cache)`` of a prompt prefilled before: the positions the two share
         from the start are taken from its cache (views; it is not modified) and only the rest runs.
         At least the last token always runs, for its logits."""
-        from transformers import DynamicCache
-
         shared, arguments = 0, {}
         if previous is not None and self.prefix_reuse:
             tokens, cache = previous
-            layers = [_layer_states(cache, layer) for layer in range(self._num_layers)]
-            if all(k.shape[2] == len(tokens) for k, _ in layers):  # full caches (no sliding-window layer)
-                shared = min(common_prefix_length(tokens, prompt), len(prompt) - 1)
-            if shared < REUSE_MIN_FRACTION * len(prompt):
-                shared = 0
+            shared = min(common_prefix_length(tokens, prompt), len(prompt) - 1)
+            layers = self._layers(cache)
+            if shared < REUSE_MIN_FRACTION * len(prompt) or any(k.shape[2] != len(tokens) for k, _ in layers):
+                shared = 0  # too short to pay, or not a full cache (a sliding-window layer)
             if shared:
-                reused = DynamicCache()
-                for layer, (keys, values) in enumerate(layers):
-                    reused.update(keys[:, :, :shared], values[:, :, :shared], layer)
-                arguments[self._cache_argument] = reused
+                arguments[self._cache_argument] = _cache_of((k[:, :, :shared], v[:, :, :shared]) for k, v in layers)
         ids = torch.tensor([list(prompt[shared:])], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **arguments)
         return out.logits[0, -1], getattr(out, self._cache_argument)
 
-    @property
-    def _num_layers(self) -> int:
-        return self.model.config.get_text_config().num_hidden_layers
+    def _layers(self, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``cache``'s keys and values ``[batch, heads, T, dim]``, layer by layer."""
+        return [_layer_states(cache, layer) for layer in range(self.model.config.get_text_config().num_hidden_layers)]
 
     # -- generation ------------------------------------------------------------------------
     @torch.inference_mode()
@@ -183,24 +177,21 @@ class HFModel(TokenizerCodec, CandidateScorer):
         lexicographic order, reusing the prefix it shares with the one before); the caches are then
         left-padded into one batch and the decode steps run batched, a row leaving the batch when it
         reaches EOS. One prompt goes through the same code with a batch of one."""
-        from transformers import DynamicCache
-
         width = max(len(p) for p in prompts)
         rows = len(prompts)
         caches: list = [None] * rows
         tokens: list = [None] * rows
         previous = None
-        for row in sorted(range(rows), key=lambda r: list(prompts[r])):
+        for row in _prefill_order(prompts):
             logits, caches[row] = self._prefill(prompts[row], previous)
             tokens[row] = int(logits.argmax())
             previous = (prompts[row], caches[row])
         del previous
-        cache = DynamicCache()
-        for layer in range(self._num_layers):
-            keys, values = zip(*(_layer_states(c, layer) for c in caches))
-            cache.update(torch.cat([_left_pad(k, width) for k in keys]),
-                         torch.cat([_left_pad(v, width) for v in values]), layer)
-        del caches
+        per_prompt = [self._layers(c) for c in caches]
+        cache = _cache_of((torch.cat([_left_pad(layers[layer][0], width) for layers in per_prompt]),
+                           torch.cat([_left_pad(layers[layer][1], width) for layers in per_prompt]))
+                          for layer in range(len(per_prompt[0])))
+        del caches, per_prompt
         mask = torch.zeros((rows, width + max_new_tokens), dtype=torch.long, device=self.device)
         for row, prompt in enumerate(prompts):
             mask[row, width - len(prompt): width] = 1
@@ -240,7 +231,7 @@ class HFModel(TokenizerCodec, CandidateScorer):
         then all its candidates in one batched forward over its (repeated) KV cache."""
         scores: list = [None] * len(items)
         previous = None
-        for i in sorted(range(len(items)), key=lambda i: list(items[i][0])):
+        for i in _prefill_order([prompt for prompt, _ in items]):
             prompt, candidates = items[i]
             logits, cache = self._prefill(prompt, previous)
             scores[i] = self._candidate_scores(logits, cache, len(prompt), candidates)
@@ -251,18 +242,14 @@ class HFModel(TokenizerCodec, CandidateScorer):
 
     def _candidate_scores(self, logits: torch.Tensor, prompt_cache, prompt_length: int,
                           candidates: Sequence[Sequence[int]]) -> list[float]:
-        from transformers import DynamicCache
-
         first = torch.log_softmax(logits.float(), dim=-1)  # predicts every candidate's first token
         scores = [first[c[0]].item() for c in candidates]
         longest = max(len(c) for c in candidates)
         if longest == 1:
             return scores
-        cache = DynamicCache()  # the prompt's cache repeated per candidate (the prompt's own is kept)
-        for layer in range(self._num_layers):
-            keys, values = _layer_states(prompt_cache, layer)
-            cache.update(keys.repeat_interleave(len(candidates), dim=0),
-                         values.repeat_interleave(len(candidates), dim=0), layer)
+        # The prompt's cache repeated per candidate (the prompt's own is kept for the next prefill).
+        cache = _cache_of((k.repeat_interleave(len(candidates), dim=0), v.repeat_interleave(len(candidates), dim=0))
+                          for k, v in self._layers(prompt_cache))
         rest = torch.full((len(candidates), longest - 1), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(candidates), prompt_length + longest - 1), dtype=torch.long)
         mask[:, :prompt_length] = 1
@@ -289,6 +276,22 @@ def _layer_states(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _cache_of(layers):
+    """A transformers ``DynamicCache`` holding ``layers`` (keys, values per layer) as given, no copy."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer, (keys, values) in enumerate(layers):
+        cache.update(keys, values, layer)
+    return cache
+
+
+def _prefill_order(prompts: Sequence[Sequence[int]]) -> list[int]:
+    """Prompt indices in lexicographic token order: each prompt follows the one it shares the longest
+    prefix with, which its prefill reuses."""
+    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
 
 
 def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:

@@ -163,18 +163,20 @@ def score_samples(scorer, samples: Iterable[ProbeSample],
     samples = list(samples)
     keys: dict = {}  # (prompt, candidates) -> item number
     items, waiting, needs = [], [], []
+    item_of = []  # per sample: the item numbers of its present and ablated prompts
     for number, sample in enumerate(samples):
-        mine = set()
+        pair = []
         for prompt in (sample.present, sample.ablated):
             key = (tuple(prompt), tuple(map(tuple, sample.candidate_ids)))
             if key not in keys:
                 keys[key] = len(items)
                 items.append((prompt, sample.candidate_ids))
                 waiting.append([])
-            mine.add(keys[key])
-        for item in mine:
+            pair.append(keys[key])
+        item_of.append(pair)
+        for item in set(pair):
             waiting[item].append(number)
-        needs.append(len(mine))
+        needs.append(len(set(pair)))
 
     def done(item: int) -> None:
         for number in waiting[item]:
@@ -184,10 +186,10 @@ def score_samples(scorer, samples: Iterable[ProbeSample],
 
     scores = scorer.score_prompts(items, done)
     records = []
-    for sample in samples:
+    for sample, pair in zip(samples, item_of):
         record = sample.metadata()
-        for variant, prompt in (("present", sample.present), ("ablated", sample.ablated)):
-            item_scores = scores[keys[(tuple(prompt), tuple(map(tuple, sample.candidate_ids)))]]
+        for variant, item in zip(("present", "ablated"), pair):
+            item_scores = scores[item]
             correct, margin = rank_scores(item_scores, sample.answer_index)
             record[variant] = {"logprobs": item_scores, "correct": correct, "margin": margin}
         records.append(record)
